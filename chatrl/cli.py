@@ -1,0 +1,120 @@
+"""The `chatrl` command.
+
+    chatrl train   [flags]        all three steps (or --step 1 2 3 any subset), resumable
+    chatrl sft|rm|ppo|dpo [flags] one step (every option of the step; --config, --preset, key=value)
+    chatrl eval reward|prompts    score pairs with a reward model / compare answers of two models
+    chatrl chat --path MODEL      terminal chat
+    chatrl serve --path MODEL     OpenAI-compatible HTTP server
+
+Errors caused by the user's input print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+STEPS = ("sft", "rm", "ppo", "dpo")
+USAGE = __doc__
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import logging
+    import warnings
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def run_step(step: str, argv: list[str]):
+    from .config import parse_step_args
+
+    cfg = parse_step_args(step, argv)
+    if step == "sft":
+        from .steps.sft import run_sft
+
+        return run_sft(cfg)
+    if step == "rm":
+        from .steps.reward import run_rm
+
+        return run_rm(cfg)
+    if step == "ppo":
+        from .steps.ppo import run_ppo
+
+        return run_ppo(cfg)
+    if step == "dpo":
+        from .steps.dpo import run_dpo
+
+        return run_dpo(cfg)
+    raise AssertionError(step)
+
+
+def dispatch(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd in ("--version", "version"):
+        from . import __version__
+
+        print(f"chatrl {__version__}")
+        return 0
+    _quiet_libraries()
+    if cmd in STEPS:
+        run_step(cmd, rest)
+        return 0
+    if cmd == "train":
+        from .pipeline import train_main
+
+        return train_main(rest)
+    if cmd == "eval":
+        from .evaluate import eval_main
+
+        return eval_main(rest)
+    if cmd == "chat":
+        from .serve.chat import chat_main
+
+        return chat_main(rest) or 0
+    if cmd == "serve":
+        from .serve.server import serve_main
+
+        return serve_main(rest) or 0
+    print(f"chatrl: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import ChatRLError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = dispatch(argv)
+    except ChatRLError as e:
+        msg = " ".join(str(e).split())  # one line
+        print(f"chatrl: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("chatrl: interrupted", file=sys.stderr)
+        return 130
+    return code or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""One wrapper over DeepSpeed for every step: process group, ZeRO config, optimizer, scheduler.
+
+The same code runs in-process for one device (the environment variables the launcher would set
+are filled in) and under `deepspeed --num_gpus N` / `--hostfile` for many.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+
+
+# ----------------------------------------------------------------------------- process group
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join (or create) the process group. Without a launcher this is a 1-rank group."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    # In-process: fill in what the launcher would set, or DeepSpeed tries MPI discovery.
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str) -> str:
+    """'auto' -> bf16 on GPUs that support it, else fp32. fp16 needs a GPU (loss scaling)."""
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("--dtype fp16 needs a CUDA GPU (DeepSpeed's fp16 loss scaling); on CPU use "
+                          "--dtype bf16 or --dtype fp32")
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+# ----------------------------------------------------------------------------- engine
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How one trained model is wrapped (derived from a step's config by the step)."""
+    zero_stage: int = 0
+    offload: bool = False
+    dtype: str = "fp32"
+    micro_batch: int = 1
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    lora_lr: float = 5e-4
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    total_steps: int = 1
+    gradient_checkpointing: bool = False
+
+
+def ds_config(spec: EngineSpec, world: int) -> dict:
+    zero: dict = {"stage": spec.zero_stage}
+    if spec.zero_stage >= 1:
+        zero.update({"overlap_comm": False, "contiguous_gradients": True})
+    if spec.offload and spec.zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if spec.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if spec.zero_stage == 3:
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0,
+                     "stage3_gather_16bit_weights_on_model_save": False})
+    return {
+        "train_micro_batch_size_per_gpu": spec.micro_batch,
+        "gradient_accumulation_steps": spec.grad_accum,
+        "train_batch_size": spec.micro_batch * spec.grad_accum * world,
+        "gradient_clipping": spec.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": spec.dtype == "bf16"},
+        "fp16": {"enabled": spec.dtype == "fp16", "loss_scale_window": 100, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _optimizer(groups: list[dict], spec: EngineSpec):
+    if spec.offload and spec.zero_stage >= 1:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=spec.lr, betas=(0.9, 0.95))
+    kwargs = {"fused": True} if torch.cuda.is_available() else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), **kwargs)
+
+
+def build_engine(model: torch.nn.Module, spec: EngineSpec):
+    """Wrap a model for training: param groups (own LoRA lr), AdamW, warm-up + schedule, ZeRO."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    from ..models.lora import param_groups
+
+    if spec.offload and spec.zero_stage == 0:
+        raise ConfigError("--offload needs ZeRO: set --zero-stage 2 or 3 (or drop --offload)")
+    if spec.gradient_checkpointing:
+        if hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    groups = param_groups(model, spec.lr, spec.weight_decay, spec.lora_lr)
+    if not groups:
+        raise ConfigError("the model has no trainable parameter (check --only-optimize-lora and "
+                          "--lora-dim)")
+    optimizer = _optimizer(groups, spec)
+
+    def scheduler(opt):
+        return get_scheduler(spec.scheduler, opt, num_warmup_steps=spec.warmup_steps,
+                             num_training_steps=max(spec.total_steps, 1))
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=ds_config(spec, world_size()))
+    return engine
+
+
+def is_zero3(model) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer in full on CPU (gathered one at a time under ZeRO-3).
+
+    Collective under ZeRO-3: every rank must call it. Returns the dict on every rank.
+    """
+    import deepspeed
+
+    out = {}
+    params = dict(model.named_parameters())
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        p = params.get(name)
+        if p is not None and hasattr(p, "ds_id"):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                out[name] = p.detach().clone().cpu()
+        else:
+            out[name] = tensor.detach().clone().cpu()
+    return out

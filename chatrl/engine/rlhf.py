@@ -1,0 +1,106 @@
+"""The four models of step 3 and how each is wrapped.
+
+    actor      SFT model, trained      DeepSpeed engine + hybrid engine (generation mode)
+    reference  frozen copy of the SFT  plain module in eval mode (ZeRO-3 partitioned if the actor is)
+    critic     reward model, trained   DeepSpeed engine
+    reward     frozen reward model     plain module in eval mode (optionally kept on CPU)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..models import load_causal_lm
+from ..models.lora import apply_lora
+from ..models.reward import RewardModel
+from . import ds
+from .hybrid import HybridEngine
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How one step-3 model is built (taken from the PPO config by the caller)."""
+    path: str
+    zero_stage: int = 0
+    dropout: float | None = None
+    lora_dim: int = 0
+    lora_module_name: str = ""
+    only_optimize_lora: bool = False
+    lr: float = 1e-6
+    lora_lr: float = 5e-4
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = False
+
+
+def _frozen(model: torch.nn.Module, zero_stage: int, dtype: str, offload_to_cpu: bool):
+    """An inference-only model: eval mode, no grads; partitioned by ZeRO-3 like the trained ones
+    (DeepSpeed-Chat's approach), else a plain module in `dtype` on the device (or the CPU)."""
+    model.eval()
+    model.requires_grad_(False)
+    if zero_stage == 3:
+        import deepspeed
+
+        config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": ds.world_size(),
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                  "bf16": {"enabled": dtype == "bf16"}, "fp16": {"enabled": dtype == "fp16"}}
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine
+    target = torch.device("cpu") if offload_to_cpu else ds.device()
+    return model.to(device=target, dtype=ds_dtype(dtype))
+
+
+def ds_dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+class RLHFModels:
+    """Builds and holds actor, reference, critic, reward (+ actor EMA)."""
+
+    def __init__(self, actor: ModelSpec, critic: ModelSpec, reward_path: str, tokenizer, *,
+                 dtype: str, offload: bool, micro_batch: int, grad_accum: int, grad_clip: float,
+                 scheduler: str, warmup_steps: int, total_steps: int,
+                 offload_reference_model: bool = False, offload_reward_model: bool = False,
+                 enable_ema: bool = False, release_inference_cache: bool = False):
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+
+        def engine_for(model, spec: ModelSpec):
+            if spec.lora_dim > 0:
+                model = apply_lora(model, spec.lora_dim, None, spec.lora_module_name,
+                                   only_optimize=spec.only_optimize_lora)
+            return ds.build_engine(model, ds.EngineSpec(
+                zero_stage=spec.zero_stage, offload=offload, dtype=dtype, micro_batch=micro_batch,
+                grad_accum=grad_accum, grad_clip=grad_clip, lr=spec.lr, weight_decay=spec.weight_decay,
+                lora_lr=spec.lora_lr, scheduler=scheduler, warmup_steps=warmup_steps,
+                total_steps=total_steps, gradient_checkpointing=spec.gradient_checkpointing))
+
+        # actor + reference (the same weights at the start)
+        actor_model = load_causal_lm(actor.path, dtype="fp32", dropout=actor.dropout, tokenizer=tokenizer)
+        ref_model = copy.deepcopy(actor_model)
+        self.actor = engine_for(actor_model, actor)
+        self.hybrid = HybridEngine(self.actor, release_inference_cache=release_inference_cache)
+        self.ref = _frozen(ref_model, actor.zero_stage, dtype, offload_reference_model)
+        # critic + reward
+        critic_model = RewardModel.from_pretrained(critic.path, dtype="fp32", dropout=critic.dropout,
+                                                   tokenizer=tokenizer)
+        reward_model = (copy.deepcopy(critic_model) if reward_path == critic.path else
+                        RewardModel.from_pretrained(reward_path, dtype="fp32", tokenizer=tokenizer))
+        self.critic = engine_for(critic_model, critic)
+        self.reward = _frozen(reward_model, critic.zero_stage, dtype, offload_reward_model)
+        # EMA of the actor: a full fp32 copy on the CPU (bf16 would swallow most updates)
+        self.actor_ema = None
+        if enable_ema:
+            self.actor_ema = {k: v.float() for k, v in ds.full_state_dict(self.actor.module).items()}
+
+    def update_ema(self, beta: float) -> None:
+        from ..rl import ema_update
+
+        if self.actor_ema is None:
+            return
+        current = ds.full_state_dict(self.actor.module)
+        keys = [k for k in self.actor_ema if current[k].is_floating_point()]
+        ema_update([self.actor_ema[k] for k in keys], [current[k] for k in keys], beta)

@@ -1,0 +1,83 @@
+"""One metrics logger (console, JSONL, TensorBoard), rank 0 only, and progress bars with ETA.
+
+Metric names are namespaced: `loss/actor`, `reward/score`, `policy/kl`, `time/generate`,
+`perf/tokens_per_s`... The JSONL file (`metrics.jsonl`) is what reports and tests read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from .engine import ds
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, step_name: str, tensorboard: bool = True,
+                 tensorboard_path: str | None = None, console: bool = False):
+        self.main = ds.is_main()
+        self.console = console
+        self.step_name = step_name
+        self._tb = None
+        self._file = None
+        if not self.main:
+            return
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Append: a resumed run continues the same log.
+        self._file = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(tensorboard_path or str(out_dir / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency; tolerate a broken install
+                print("warning: tensorboard is not importable; TensorBoard logs are off", file=sys.stderr)
+
+    def log(self, step: int, metrics: dict, kind: str = "train") -> None:
+        if not self.main:
+            return
+        clean = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
+        row = {"step": step, "kind": kind, "time": time.time(), **clean}
+        self._file.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(f"{self.step_name}/{k}", v, step)
+        if self.console:
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in clean.items())
+            write_line(f"[{self.step_name} {kind} {step}] {shown}")
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self._tb:
+            self._tb.close()
+
+
+def write_line(text: str) -> None:
+    """Print without breaking an active progress bar."""
+    if ds.is_main():
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr)
+
+
+def progress(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "step"):
+    """A tqdm bar with ETA on rank 0; a silent stand-in elsewhere."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True,
+                disable=not (enabled and ds.is_main()), file=sys.stderr, mininterval=0.5)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

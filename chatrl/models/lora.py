@@ -1,0 +1,127 @@
+"""LoRA through PEFT, with DeepSpeed-Chat's knobs: rank, module-name filter, only-optimize-LoRA,
+its own learning rate; merged weights for saving and for generation.
+
+Adapters are injected in place (`peft.inject_adapter_in_model`), so the model keeps its class and
+forward signature (a reward model stays a RewardModel). Saved folders hold merged weights: plain
+Hugging Face checkpoints that load without PEFT.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+# Linear layers inside the repeated transformer blocks of any family we know
+# (Llama/Qwen/Mistral `layers.N.`, GPT-2/BLOOM `h.N.`, GPT-NeoX `layers.N.`, OPT `decoder.layers.N.`).
+_BLOCK = re.compile(r"(^|\.)(layers|h|blocks|layer)\.\d+\.")
+_EXCLUDE = ("lm_head", "v_head", "embed_out", "score")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's Conv1D
+
+
+def lora_targets(model: nn.Module, module_filter: str = "") -> list[str]:
+    names = []
+    for name, module in model.named_modules():
+        if not _is_linear(module) or any(x in name.split(".")[-1] for x in _EXCLUDE):
+            continue
+        if (module_filter and module_filter in name) or (not module_filter and _BLOCK.search(name)):
+            names.append(name)
+    return names
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, module_filter: str = "",
+               dropout: float = 0.0, only_optimize: bool = False) -> nn.Module:
+    """Inject LoRA adapters of `rank` into the linear layers selected by `module_filter`."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = lora_targets(model, module_filter)
+    if not targets:
+        raise ConfigError(
+            f"--lora-module-name {module_filter!r} matches no linear layer of this "
+            f"{type(model).__name__}; examples of its module names: "
+            + ", ".join(n for n, m in list(model.named_modules())[:40] if _is_linear(m))[:300])
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                        target_modules=targets, lora_dropout=dropout, bias="none",
+                        fan_in_fan_out=any(type(m).__name__ == "Conv1D" for m in model.modules()))
+    model = inject_adapter_in_model(config, model)
+    if only_optimize:
+        for name, p in model.named_parameters():
+            # The reward model's value head is new: it always trains.
+            p.requires_grad = "lora_" in name or name.startswith("v_head")
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any("lora_" in n for n, _ in model.named_parameters())
+
+
+def lora_layers(model: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, lora_lr: float) -> list[dict]:
+    """Optimizer groups: base weights (decayed except biases/norms), no-decay, LoRA weights."""
+    decay, no_decay, lora = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "lora_" in name:
+            lora.append(p)
+        elif p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+              {"params": lora, "lr": lora_lr, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def merged_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict:
+    """State dict with LoRA deltas folded into the base weights and PEFT's names undone.
+
+    `x.base_layer.weight` + scale * B @ A  ->  `x.weight`; lora_* tensors dropped. Works on a
+    given (e.g. gathered) `state_dict` without touching the module.
+    """
+    sd = dict(model.state_dict() if state_dict is None else state_dict)
+    out = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
+            continue
+        a = sd[f"{name}.lora_A.default.weight"].float()
+        b = sd[f"{name}.lora_B.default.weight"].float()
+        delta = (b @ a) * module.scaling["default"]
+        if getattr(module, "fan_in_fan_out", False):
+            delta = delta.T
+        base = sd[f"{name}.base_layer.weight"]
+        out[f"{name}.weight"] = (base.float() + delta).to(base.dtype)
+    for k, v in sd.items():
+        if "lora_" in k:
+            continue
+        k2 = k.replace(".base_layer.", ".")
+        out.setdefault(k2, v)
+    return out
+
+
+@contextmanager
+def lora_merged(model: nn.Module):
+    """Fold LoRA adapters into the weights for the duration (generation), then unfold them."""
+    layers = [m for m in lora_layers(model) if not m.merged]
+    with torch.no_grad():
+        for m in layers:
+            m.merge()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for m in layers:
+                m.unmerge()

@@ -1,0 +1,108 @@
+"""The reward model (and PPO critic): a causal-LM backbone plus a linear value head.
+
+    values = v_head(backbone(input_ids).last_hidden_state).squeeze(-1)      [batch, seq]
+    score  = values[b, last index where attention_mask[b] == 1]             [batch]
+
+The scored token is found from the attention mask, so it is the same token in training, in
+evaluation and in PPO (DeepSpeed-Chat scored different tokens in each and used pad == EOS). With
+right padding it is the EOS that ends the response; with a left-padded prompt followed by a
+right-padded response (PPO) it is the response's EOS, or its last token if it was cut off.
+
+Saved as a Hugging Face folder of the backbone (loadable by AutoModel) plus `value_head.safetensors`
+and `chatrl.json` {"kind": "reward_model"}; `RewardModel.from_pretrained` restores identical scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .load import load_config, match_vocab, model_inputs, read_meta, torch_dtype, write_meta
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last position with mask 1 in each row. [batch, seq] -> [batch] (long)."""
+    seq = attention_mask.shape[-1]
+    positions = torch.arange(seq, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, -1).max(dim=-1).values.clamp(min=0)
+
+
+class RewardModel(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        # OPT-350m projects its output to word_embed_proj_dim; the embedding width is the
+        # width of the last hidden state for every family we know.
+        width = backbone.get_input_embeddings().embedding_dim
+        self.v_head = nn.Linear(width, 1, bias=False)
+
+    # --- Transformers-like conveniences DeepSpeed and PEFT look for
+    def gradient_checkpointing_enable(self, **kw):
+        self.backbone.gradient_checkpointing_enable(**kw)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token values [batch, seq] (fp32)."""
+        out = self.backbone(**model_inputs(self.backbone, input_ids, attention_mask, position_ids),
+                            use_cache=False)
+        hidden = out.last_hidden_state
+        return self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Reward of each sequence: the value at its last non-pad token. [batch]"""
+        values = self.forward(input_ids, attention_mask)
+        return gather_last(values, attention_mask)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype="fp32", dropout: float | None = None,
+                        tokenizer=None) -> "RewardModel":
+        """Load a saved reward model, or start a new one (zero value head) from any causal LM."""
+        from transformers import AutoModel
+
+        config = load_config(path, dropout)
+        try:
+            backbone = AutoModel.from_pretrained(path, config=config, dtype=torch_dtype(dtype))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"could not load a reward-model backbone from {path!r}: {e}") from e
+        match_vocab(backbone, tokenizer)
+        model = cls(backbone).to(torch_dtype(dtype))
+        head = Path(path) / VALUE_HEAD_FILE
+        if head.exists():
+            from safetensors.torch import load_file
+
+            state = load_file(str(head))
+            model.v_head.load_state_dict({"weight": state["weight"]})
+        elif read_meta(path).get("kind") == "reward_model":
+            raise ModelError(f"{path} says it is a reward model but has no {VALUE_HEAD_FILE}; "
+                             "the folder is incomplete (re-run `chatrl rm` or restore the file)")
+        return model
+
+    @staticmethod
+    def is_reward_model(path: str) -> bool:
+        return (Path(path) / VALUE_HEAD_FILE).exists()
+
+    def save_pretrained(self, out_dir: str | Path, state_dict: dict | None = None, **meta) -> None:
+        """Backbone via save_pretrained, head as safetensors. `state_dict` (full, e.g. gathered
+        from ZeRO-3) overrides the module's own tensors."""
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        if state_dict is None:
+            state_dict = self.state_dict()
+        backbone_sd = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        self.backbone.save_pretrained(out_dir, state_dict=backbone_sd, safe_serialization=True)
+        save_file({"weight": state_dict["v_head.weight"].detach().contiguous().cpu()},
+                  str(out_dir / VALUE_HEAD_FILE))
+        write_meta(out_dir, kind="reward_model", **meta)
+
+
+def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """values[b, last_token_index(mask)[b]] for each row. [batch, seq] -> [batch]"""
+    idx = last_token_index(attention_mask)
+    return values.gather(-1, idx.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,153 @@
+"""Token log-probabilities, entropy and the SFT loss, computed memory-lean in fp32.
+
+The logits of a causal LM are ``[batch, seq_len, vocab]``; with a 128k vocab a
+full fp32 ``log_softmax`` copy is the largest tensor of a step. These
+functions walk the logits in row chunks of at most ``chunk_tokens`` positions,
+upcasting one chunk at a time to fp32 (fp64 stays fp64) and using the log-sum-exp trick:
+
+    log p(y_t) = z_t[y_t] - logsumexp_v z_t[v]
+
+so the peak extra memory is one fp32 chunk, not the whole tensor (without
+autograd; with autograd the saved fp32 chunks are what backward needs).
+Alignment is the caller's business: to score token ``t+1`` from the logits
+at ``t`` pass ``logits[:, :-1]`` and ``ids[:, 1:]`` (see :func:`sft_loss`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from chatrl.rl.masks import masked_mean, masked_sum
+
+__all__ = [
+    "IGNORE_INDEX",
+    "gather_logprobs",
+    "entropy_from_logits",
+    "sft_loss",
+    "token_counts",
+    "sequence_logprobs",
+]
+
+IGNORE_INDEX = -100
+
+# ~64M fp32 elements (256 MB) per chunk: 512 positions of a 128k vocab.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def _chunked_rows(logits: Tensor, fn: Callable[[Tensor, int, int, int], Tensor], chunk_tokens: int | None) -> Tensor:
+    """Apply ``fn(z_fp32 [n, V], b, start, end) -> [n]`` over row chunks; stack to ``[B, T]``."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [batch, seq_len, vocab]; got shape {tuple(logits.shape)}")
+    batch, seq_len, vocab = logits.shape
+    step = chunk_tokens or max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    rows = []
+    for b in range(batch):
+        parts = [fn(_upcast(logits[b, s : s + step]), b, s, min(s + step, seq_len)) for s in range(0, seq_len, step)]
+        rows.append(torch.cat(parts) if parts else logits.new_zeros(0, dtype=out_dtype))
+    return torch.stack(rows) if rows else logits.new_zeros(0, seq_len, dtype=out_dtype)
+
+
+def _upcast(z: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are."""
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
+
+
+def gather_logprobs(logits: Tensor, labels: Tensor, chunk_tokens: int | None = None) -> Tensor:
+    """Log-probability of each label under the logits at the same position.
+
+    Shapes: ``logits``: ``[batch, seq_len, vocab]`` (any float dtype),
+    ``labels``: ``[batch, seq_len]`` (int) -> fp32 ``[batch, seq_len]``
+    (fp64 for fp64 logits; fp16/bf16 are upcast to fp32).
+
+        logprobs[b, t] = logits[b, t, labels[b, t]] - logsumexp_v logits[b, t, v]
+
+    Equal to ``log_softmax(logits.float(), -1).gather(-1, labels)`` without
+    materialising the full fp32 log-softmax. Negative labels (the ignore
+    index ``-100``) give 0. No shift is applied.
+    """
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)}[:2]"
+        )
+    ignore = labels < 0
+    safe_labels = labels.clamp(min=0)
+
+    def one(z: Tensor, b: int, s: int, e: int) -> Tensor:
+        picked = z.gather(-1, safe_labels[b, s:e].unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(z, dim=-1)
+
+    return _chunked_rows(logits, one, chunk_tokens).masked_fill(ignore, 0.0)
+
+
+def entropy_from_logits(logits: Tensor, chunk_tokens: int | None = None) -> Tensor:
+    """Entropy of the categorical distribution at each position.
+
+    Shapes: ``logits``: ``[batch, seq_len, vocab]`` -> fp32 ``[batch, seq_len]``.
+
+        H_t = -sum_v p_v log p_v = logsumexp(z) - sum_v softmax(z)_v * z_v
+    """
+
+    def one(z: Tensor, b: int, s: int, e: int) -> Tensor:
+        return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(dim=-1)
+
+    return _chunked_rows(logits, one, chunk_tokens)
+
+
+def token_counts(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Number of tokens :func:`sft_loss` trains on, per row.
+
+    Shapes: ``labels``: ``[batch, seq_len]`` -> int64 ``[batch]``.
+
+        count_b = #{t >= 1 : labels[b, t] != ignore_index}
+
+    (position 0 is never a target after the next-token shift). Summed over
+    micro-batches it gives the denominator of an exact token-level mean under
+    gradient accumulation: ``sum(sft_loss(..., reduction="sum")) / sum(counts)``.
+    """
+    return (labels[:, 1:] != ignore_index).sum(dim=-1)
+
+
+def sft_loss(
+    logits: Tensor,
+    labels: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    chunk_tokens: int | None = None,
+) -> Tensor:
+    """Next-token cross-entropy, 0-dim.
+
+    Shapes: ``logits``: ``[batch, seq_len, vocab]``, ``labels``:
+    ``[batch, seq_len]`` aligned with the INPUT ids (``-100`` = not trained on,
+    e.g. prompt and padding). The shift is done here: the logits at ``t``
+    predict ``labels[t+1]``.
+
+        nll_t = -log softmax(logits[:, t])[labels[:, t+1]]      t = 0..T-2
+        loss  = sum_{t: labels[t+1] != -100} nll_t / #counted   (reduction="mean")
+        loss  = sum_{t: labels[t+1] != -100} nll_t              (reduction="sum")
+
+    The mean is token-level over the whole batch. With no counted token the
+    mean is 0 (not ``nan``).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
+    targets = labels[:, 1:]
+    logprobs = gather_logprobs(logits[:, :-1], targets, chunk_tokens=chunk_tokens)
+    counted = targets != ignore_index
+    if reduction == "sum":
+        return -masked_sum(logprobs, counted)
+    return -masked_mean(logprobs, counted)
+
+
+def sequence_logprobs(logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Log-probability of each whole sequence (sum over its masked tokens).
+
+    Shapes: ``logprobs``, ``mask``: ``[batch, seq_len]`` -> ``[batch]``.
+
+        seq_logp_b = sum_t mask[b, t] * logprobs[b, t]
+    """
+    return masked_sum(logprobs, mask, dim=-1)

@@ -1,0 +1,238 @@
+"""What the steps share: run set-up, data loading, and the supervised training loop of SFT/RM/DPO.
+
+Loss normalisation. A step's loss function returns a *sum* over its units (label tokens for SFT,
+pairs for RM/DPO) and the loop divides by the number of units in the whole global batch (all
+micro-batches of all ranks), multiplied back by grad_accum x world because DeepSpeed averages over
+both. The gradient is then exactly that of the global mean, so batch 8 x accumulation 1 equals
+batch 1 x accumulation 8, and 2 ranks equal 1 rank with the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import config as C
+from ..data import build_step_data, tokenize_step_data
+from ..data.templates import resolve_template
+from ..engine import checkpoint as ckpt
+from ..engine import ds
+from ..errors import DataError
+from ..logging import MetricsLogger, progress, write_line
+from ..models import load_tokenizer, resolve_model_path
+
+
+@dataclass
+class Run:
+    """Per-run facts derived once from the config (never written back into it)."""
+    cfg: object
+    name: str
+    out_dir: Path
+    dtype: str
+    world: int
+    logger: MetricsLogger
+    started: float = field(default_factory=time.time)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+def start_run(cfg, name: str) -> Run:
+    """Process group, seed, output folder, resolved config saved, logger."""
+    ds.init_distributed()
+    ds.seed_everything(cfg.seed)
+    out = Path(cfg.output_dir)
+    if ds.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        C.save_config(cfg, out / "run_config.yaml")
+    ds.barrier()
+    logger = MetricsLogger(out, name, tensorboard=cfg.enable_tensorboard,
+                           tensorboard_path=cfg.tensorboard_path, console=cfg.print_loss)
+    return Run(cfg=cfg, name=name, out_dir=out, dtype=ds.resolve_dtype(cfg.dtype),
+               world=ds.world_size(), logger=logger)
+
+
+def load_tokenizer_for(cfg, model_path: str):
+    tok = load_tokenizer(model_path)
+    if cfg.add_eot_token:
+        if cfg.eot_token not in tok.get_vocab():
+            tok.add_special_tokens({"additional_special_tokens": [cfg.eot_token]})
+        tok.eos_token = cfg.eot_token
+    return tok
+
+
+def resolve_model(name):
+    return resolve_model_path(name)
+
+
+def step_datasets(cfg, tokenizer, template: str, kind: str, step_index: int, max_seq_len: int,
+                  max_prompt_len: int = 256):
+    """Raw rows for this step's slice -> tokenized, cached train/eval datasets (+ stats)."""
+    raw = build_step_data(list(cfg.data_path), cfg.data_split, step_index, seed=cfg.seed,
+                          sft_only_data_path=list(getattr(cfg, "sft_only_data_path", []) or []),
+                          weights=cfg.data_weights, skip_bad_rows=cfg.skip_bad_rows)
+    cache_root = Path(cfg.data_output_path) if cfg.data_output_path else None
+    out, stats = {}, {"sources": raw.stats}
+    for split, rows in (("train", raw.train), ("eval", raw.eval)):
+        tok_ds, st = tokenize_step_data(rows, tokenizer, step=kind, template=template,
+                                        max_seq_len=max_seq_len, max_prompt_len=max_prompt_len,
+                                        cache_root=cache_root)
+        out[split] = tok_ds
+        stats[split] = st
+    if len(out["train"]) == 0:
+        raise DataError(f"step {step_index} has no training rows after splitting "
+                        f"{list(cfg.data_path)} with --data-split {cfg.data_split}; give this step "
+                        "a larger share or more data")
+    return out["train"], out["eval"], stats
+
+
+def template_for(cfg, tokenizer) -> str:
+    return resolve_template(cfg.template, tokenizer)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclass
+class LoopSpec:
+    micro_batch: int
+    grad_accum: int
+    epochs: int
+    max_steps: int
+    eval_interval: int
+    checkpoint_interval: int
+    log_interval: int
+    seed: int
+    progress: bool
+
+    def global_batch(self, world: int) -> int:
+        return self.micro_batch * self.grad_accum * world
+
+
+def steps_per_epoch(n_rows: int, global_batch: int) -> int:
+    if n_rows < global_batch:
+        raise DataError(f"the training set has {n_rows} rows, fewer than one global batch "
+                        f"({global_batch} = micro-batch x accumulation x devices); lower the batch "
+                        "size or add data")
+    return n_rows // global_batch  # drop_last: every step sees a full global batch
+
+
+def total_steps(n_rows: int, spec: LoopSpec, world: int) -> int:
+    n = steps_per_epoch(n_rows, spec.global_batch(world)) * spec.epochs
+    return min(n, spec.max_steps) if spec.max_steps > 0 else n
+
+
+def epoch_batches(n_rows: int, seed: int, epoch: int, global_batch: int) -> list[list[int]]:
+    """Row indices of each global batch of an epoch: seeded shuffle, full batches only."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n_rows, generator=g).tolist()
+    k = n_rows // global_batch
+    return [order[i * global_batch:(i + 1) * global_batch] for i in range(k)]
+
+
+def rank_micro_batches(global_rows: list[int], micro: int, accum: int, rank: int, world: int):
+    """This rank's `accum` micro-batches of a global batch (interleaved so the split is fair)."""
+    return [global_rows[(k * world + rank) * micro:(k * world + rank + 1) * micro] for k in range(accum)]
+
+
+def supervised_loop(run: Run, engine, train_ds, spec: LoopSpec, *,
+                    collate: Callable[[list[dict]], dict],
+                    loss_fn: Callable[[object, dict], tuple[torch.Tensor, dict]],
+                    units_fn: Callable[[dict], int],
+                    evaluate: Callable[[], dict] | None = None,
+                    unit_name: str = "tokens") -> dict:
+    """Train `engine` on `train_ds`; returns the last eval metrics.
+
+    loss_fn(engine, batch) -> (sum of losses over the batch's units, metric sums to log);
+    units_fn(row) -> how many units a row contributes (label tokens, or 1 per pair).
+    """
+    world, rank = run.world, ds.rank()
+    gb = spec.global_batch(world)
+    per_epoch = steps_per_epoch(len(train_ds), gb)
+    n_total = total_steps(len(train_ds), spec, world)
+    step, epoch, start_in_epoch = 0, 0, 0
+
+    # 1. resume
+    if run.cfg.resume:
+        last = ckpt.latest_checkpoint(run.ckpt_dir)
+        if last is not None:
+            state = ckpt.load_checkpoint(last, {"model": engine})
+            step, epoch, start_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            write_line(f"resumed from {last} at step {step} (epoch {epoch}, batch {start_in_epoch})")
+        else:
+            write_line(f"--resume: no checkpoint in {run.ckpt_dir}; starting from scratch")
+
+    bar = progress(n_total, f"{run.name} train", spec.progress, initial=step)
+    last_eval: dict = {}
+    t_units, t0 = 0, time.time()
+    while step < n_total and epoch < spec.epochs:
+        batches = epoch_batches(len(train_ds), spec.seed, epoch, gb)
+        for b in range(start_in_epoch, per_epoch):
+            if step >= n_total:
+                break
+            # 2. forward/backward over this rank's micro-batches, normalised by the global count
+            rows_global = batches[b]
+            n_units = sum(units_fn(train_ds[i]) for i in rows_global)
+            loss_total = torch.zeros((), dtype=torch.float64)
+            sums: dict[str, float] = {}
+            for mb in rank_micro_batches(rows_global, spec.micro_batch, spec.grad_accum, rank, world):
+                batch = collate([train_ds[i] for i in mb])
+                loss_sum, extra = loss_fn(engine, batch)
+                engine.backward(loss_sum / n_units * spec.grad_accum * world)
+                engine.step()
+                loss_total += loss_sum.detach().double().cpu()
+                for k, v in extra.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            step += 1
+            t_units += n_units
+            # 3. log
+            reduced = ds.all_reduce_sum(torch.tensor([loss_total.item()] + list(sums.values()),
+                                                     dtype=torch.float64))
+            metrics = {"loss": reduced[0].item() / n_units}
+            for i, k in enumerate(sums):
+                metrics[k] = reduced[i + 1].item() / n_units
+            metrics["lr"] = engine.get_lr()[0]
+            metrics["epoch"] = epoch + (b + 1) / per_epoch
+            if step % spec.log_interval == 0 or step == n_total:
+                dt = time.time() - t0
+                metrics[f"perf/{unit_name}_per_s"] = t_units / max(dt, 1e-9)
+                run.logger.log(step, metrics)
+                t_units, t0 = 0, time.time()
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            bar.update(1)
+            # 4. evaluate / checkpoint
+            if evaluate and spec.eval_interval and step % spec.eval_interval == 0:
+                last_eval = evaluate()
+                run.logger.log(step, last_eval, kind="eval")
+            if spec.checkpoint_interval and step % spec.checkpoint_interval == 0 and step < n_total:
+                nxt_epoch, nxt_b = (epoch, b + 1) if b + 1 < per_epoch else (epoch + 1, 0)
+                ckpt.save_checkpoint(run.ckpt_dir, step, {"model": engine},
+                                     {"epoch": nxt_epoch, "batch_in_epoch": nxt_b})
+        epoch += 1
+        start_in_epoch = 0
+        if evaluate and not spec.eval_interval and step < n_total:
+            last_eval = evaluate()
+            run.logger.log(step, last_eval, kind="eval")
+    bar.close()
+    if evaluate:
+        last_eval = evaluate()
+        run.logger.log(step, last_eval, kind="eval")
+    return last_eval
+
+
+def eval_batches(n_rows: int, batch: int, max_batches: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's evaluation batches: rows dealt round-robin, the same number on every rank (so
+    ZeRO-3's collective forwards stay in lockstep; up to world-1 rows are left out)."""
+    rows = list(range(n_rows - n_rows % world))[rank::world][:max_batches * batch]
+    return [rows[i:i + batch] for i in range(0, len(rows), batch)]
+
+
+def finite_or_raise(x: float, what: str) -> float:
+    if not math.isfinite(x):
+        raise FloatingPointError(f"{what} became {x}; lower the learning rate or check the data")
+    return x

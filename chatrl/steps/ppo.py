@@ -1,0 +1,434 @@
+"""Step 3 — RLHF with PPO: rollout -> KL-shaped rewards -> GAE -> PPO epochs -> log/checkpoint.
+
+Per iteration (SPEC section 1):
+  1. rollout: sample answers from the actor in generation mode (temperature / top-p, not greedy);
+     the actor's log-probs come from the generation logits (no second actor forward), then one
+     forward each of the reference, the critic and the reward model over prompt + answer;
+  2. rewards:   r_t = -kl_coef * KL_t  (+ clip(score, -c, c) at the answer's last token, its EOS);
+  3. GAE:       advantages (whitened by default), returns = advantages + values;
+  4. PPO epochs over mini-batches: clipped policy loss, clipped value loss, token means over the
+     answer tokens (EOS included, padding and anything after the EOS excluded); optional PTX;
+  5. EMA, KL controller, metrics, sample answers, checkpoint.
+
+Shapes: prompts are left-padded to the batch's longest prompt P; answers are right-padded to the
+batch's longest answer R (never to a fixed length). `action_mask` [B, R] marks answer tokens up to
+and including the first EOS.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from ..data import collate_prompts
+from ..engine import checkpoint as ckpt
+from ..engine import ds
+from ..engine.hybrid import GenerationParams
+from ..engine.rlhf import ModelSpec, RLHFModels
+from ..logging import progress, write_line
+from ..models import resolve_model_path
+from ..models.load import model_inputs
+from ..models.reward import RewardModel, gather_last
+from ..rl import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae_advantages,
+                  gather_logprobs, kl_penalty, kl_shaped_rewards, masked_mean, policy_loss,
+                  response_mask, sft_loss, value_loss, whiten)
+from . import common
+
+
+@dataclass
+class Experience:
+    """One rollout batch. Answer-aligned tensors are [B, R]; `sequences` is [B, P + R]."""
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor
+    prompt_len: int
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def select(self, idx: torch.Tensor) -> "Experience":
+        """Rows `idx`, with columns no row of them uses trimmed (left prompt pad, right answer pad)."""
+        sub = {f.name: (getattr(self, f.name)[idx] if isinstance(getattr(self, f.name), torch.Tensor)
+                        else getattr(self, f.name)) for f in fields(self)}
+        P = self.prompt_len
+        used = sub["attention_mask"][:, :P].any(0).nonzero()
+        start = int(used[0]) if len(used) else P - 1
+        start = min(start, P - 1)
+        ans = sub["action_mask"].any(0).nonzero()
+        end = int(ans[-1]) + 1 if len(ans) else 1
+        out = {}
+        for k, v in sub.items():
+            if k in ("sequences", "attention_mask"):
+                out[k] = v[:, start:P + end]
+            elif isinstance(v, torch.Tensor) and v.dim() == 2:
+                out[k] = v[:, :end]
+            else:
+                out[k] = v
+        out["prompt_len"] = P - start
+        return Experience(**out)
+
+    @property
+    def batch_size(self) -> int:
+        return self.sequences.shape[0]
+
+
+def answer_logits(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits predicting each answer token: forward over prompt + answer, sliced. [B, R, V]"""
+    out = model(**model_inputs(model, seq, mask), use_cache=False)
+    return out.logits[:, prompt_len - 1:-1]
+
+
+def answer_values(critic, seq, mask, prompt_len: int) -> torch.Tensor:
+    """Critic value of the state before each answer token. [B, R]"""
+    return critic(seq, mask)[:, prompt_len - 1:-1]
+
+
+class PPOTrainer:
+    """generate_experience(prompts) and train_rlhf(experience) over an RLHFModels bundle.
+
+    `cfg` is a PPOConfig; every hyper-parameter is read from it here and nowhere else.
+    """
+
+    def __init__(self, models: RLHFModels, cfg):
+        self.models = models
+        self.cfg = cfg
+        self.tokenizer = models.tokenizer
+        self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+                       if cfg.adaptive_kl else FixedKLController(cfg.kl_coef))
+        self.gen_params = GenerationParams(
+            max_new_tokens=cfg.max_answer_seq_len, temperature=cfg.temperature, top_p=cfg.top_p,
+            top_k=cfg.top_k, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id)
+        self.last_stats: dict = {}
+        self.device = ds.device()
+
+    # ------------------------------------------------------------------ 1-3. experience
+    @torch.no_grad()
+    def generate_experience(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            step: int | None = None) -> Experience:
+        cfg, m, dev = self.cfg, self.models, self.device
+        input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
+        P = input_ids.shape[1]
+        t0 = time.time()
+        # 1. rollout (generation mode: gathered / merged weights, KV cache, no dropout)
+        gen = m.hybrid.generate(input_ids, attention_mask, self.gen_params, return_logprobs=True)
+        t_gen = time.time() - t0
+        answer = gen.sequences[:, P:]
+        action_mask = response_mask(answer, self.tokenizer.eos_token_id)
+        R = max(int(action_mask.sum(1).max().item()), 1)
+        answer, action_mask = answer[:, :R], action_mask[:, :R]
+        answer = torch.where(action_mask.bool(), answer, torch.full_like(answer, self.tokenizer.pad_token_id))
+        seq = torch.cat([input_ids, answer], dim=1)
+        mask = torch.cat([attention_mask, action_mask.long()], dim=1)
+        # Scoring forwards: reference, critic, reward (actor log-probs came with generation).
+        t1 = time.time()
+        logprobs = gen.logprobs[:, :R].float() * action_mask
+        ref_logprobs = self._logprobs(m.ref, seq, mask, P) * action_mask
+        values = answer_values(m.critic, seq, mask, P) * action_mask
+        scores = self._score(seq, mask)
+        # 2. KL-shaped rewards and 3. GAE
+        rewards = kl_shaped_rewards(logprobs, ref_logprobs, scores, action_mask,
+                                    kl_coef=self.kl_ctl.value, clip_reward=cfg.clip_reward_value,
+                                    estimator=cfg.kl_estimator)
+        advantages, returns = gae_advantages(rewards, values, action_mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, action_mask)
+        t_score = time.time() - t1
+        kl_tok = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * action_mask
+        n_tokens = action_mask.sum()
+        self.last_stats = {
+            "reward/score": scores.mean().item(),
+            "reward/total": (rewards.sum(1)).mean().item(),
+            "policy/kl": kl_tok.sum(1).mean().item(),
+            "policy/kl_coef": self.kl_ctl.value,
+            "response/length": action_mask.sum(1).mean().item(),
+            "response/eos_rate": response_ended(answer, action_mask, self.tokenizer.eos_token_id),
+            "time/generate": t_gen, "time/score": t_score,
+            "tokens/generated": n_tokens.item(), "tokens/prompt": attention_mask.sum().item(),
+        }
+        return Experience(seq, mask, action_mask, P, logprobs, ref_logprobs, values, scores, rewards,
+                          advantages, returns)
+
+    def _logprobs(self, model, seq, mask, P) -> torch.Tensor:
+        target = next(model.parameters()).device
+        logits = answer_logits(model, seq.to(target), mask.to(target), P)
+        return gather_logprobs(logits, seq[:, P:].to(target)).float().to(self.device)
+
+    def _score(self, seq, mask) -> torch.Tensor:
+        reward = self.models.reward
+        target = next(reward.parameters()).device
+        values = reward(seq.to(target), mask.to(target))
+        return gather_last(values, mask.to(target)).float().to(self.device)
+
+    # ------------------------------------------------------------------ 4. PPO update
+    def train_rlhf(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """One PPO mini-batch update of actor and critic; returns (actor_loss, critic_loss)."""
+        cfg, m = self.cfg, self.models
+        P, mask, act = exp.prompt_len, exp.attention_mask, exp.action_mask
+        # actor
+        logits = answer_logits(m.actor, exp.sequences, mask, P)
+        logprobs = gather_logprobs(logits, exp.sequences[:, P:])
+        actor_loss, pstats = policy_loss(logprobs, exp.logprobs, exp.advantages, act, cfg.cliprange)
+        with torch.no_grad():
+            entropy = masked_mean(entropy_from_logits(logits.detach()), act)
+        m.actor.backward(actor_loss)
+        m.actor.step()
+        # critic
+        values = answer_values(m.critic, exp.sequences, mask, P)
+        critic_loss, vstats = value_loss(values, exp.values, exp.returns, act, cfg.cliprange_value)
+        m.critic.backward(critic_loss)
+        m.critic.step()
+        self.last_stats.update({
+            "loss/actor": actor_loss.item(), "loss/critic": critic_loss.item(),
+            "policy/clipfrac": float(pstats["clipfrac"]), "policy/approx_kl": float(pstats["approx_kl"]),
+            "policy/ratio": float(pstats["ratio_mean"]), "policy/entropy": entropy.item(),
+            "value/clipfrac": float(vstats["vf_clipfrac"]),
+        })
+        return actor_loss.detach(), critic_loss.detach()
+
+    def train_unsupervised(self, batch: dict, unsup_coef: float) -> torch.Tensor:
+        """PTX: unsup_coef x next-token loss on plain text, through the actor."""
+        m, dev = self.models, self.device
+        out = m.actor(**model_inputs(m.actor, batch["input_ids"].to(dev), batch["attention_mask"].to(dev)),
+                      use_cache=False)
+        loss = sft_loss(out.logits, batch["labels"].to(dev))
+        m.actor.backward(unsup_coef * loss)
+        m.actor.step()
+        return loss.detach()
+
+
+def response_ended(answer, action_mask, eos_id) -> float:
+    """Share of answers that ended with an EOS (the rest hit max_answer_seq_len)."""
+    last = (action_mask.sum(1) - 1).clamp(min=0).long()
+    return (answer.gather(1, last.unsqueeze(1)).squeeze(1) == eos_id).float().mean().item()
+
+
+# ---------------------------------------------------------------------------- FLOPs
+
+def matmul_params(model) -> int:
+    """Parameters that take part in a matmul per token (embedding lookup excluded, a tied LM head
+    counted): forward FLOPs per token ~ 2 x this (attention scores ignored)."""
+    from ..models.load import unwrap
+
+    base = unwrap(model)
+    n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in base.parameters())
+    emb = base.get_input_embeddings()
+    out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if out is None or out.weight is not emb.weight:
+        n -= emb.weight.ds_numel if hasattr(emb.weight, "ds_numel") else emb.weight.numel()
+    return n
+
+
+# ---------------------------------------------------------------------------- the step
+
+def build_models(cfg, tokenizer, total_steps: int, dtype: str) -> RLHFModels:
+    actor_path = resolve_model_path(cfg.actor_model_name_or_path)
+    critic_path = resolve_model_path(cfg.critic_model_name_or_path)
+    reward_path = resolve_model_path(cfg.reward_model_name_or_path) if cfg.reward_model_name_or_path \
+        else critic_path
+    if not RewardModel.is_reward_model(reward_path):
+        write_line(f"warning: {reward_path} has no trained value head; the reward model starts from "
+                   "a random head (pass the output of `chatrl rm`)")
+    return RLHFModels(
+        ModelSpec(actor_path, cfg.actor_zero_stage, cfg.actor_dropout, cfg.actor_lora_dim,
+                  cfg.actor_lora_module_name, cfg.only_optimize_lora, cfg.actor_learning_rate,
+                  cfg.actor_lora_learning_rate, cfg.actor_weight_decay, cfg.actor_gradient_checkpointing),
+        ModelSpec(critic_path, cfg.critic_zero_stage, cfg.critic_dropout, cfg.critic_lora_dim,
+                  cfg.critic_lora_module_name, cfg.only_optimize_lora, cfg.critic_learning_rate,
+                  cfg.critic_lora_learning_rate, cfg.critic_weight_decay, cfg.critic_gradient_checkpointing),
+        reward_path, tokenizer, dtype=dtype, offload=cfg.offload,
+        micro_batch=cfg.per_device_training_batch_size, grad_accum=cfg.gradient_accumulation_steps,
+        grad_clip=cfg.max_grad_norm, scheduler=cfg.lr_scheduler_type,
+        warmup_steps=cfg.num_warmup_steps, total_steps=total_steps,
+        offload_reference_model=cfg.offload_reference_model,
+        offload_reward_model=cfg.offload_reward_model, enable_ema=cfg.enable_ema,
+        release_inference_cache=cfg.release_inference_cache)
+
+
+def iterations_per_epoch(n_prompts: int, cfg, world: int) -> int:
+    per_iter = cfg.per_device_generation_batch_size * cfg.generation_batches * world
+    return n_prompts // per_iter
+
+
+def run_ppo(cfg) -> Path:
+    # 0. set-up
+    run = common.start_run(cfg, "ppo")
+    actor_path = resolve_model_path(cfg.actor_model_name_or_path)
+    tokenizer = common.load_tokenizer_for(cfg, actor_path)
+    tokenizer.padding_side = "left"
+    template = common.template_for(cfg, tokenizer)
+    from ..models import read_meta
+
+    template = read_meta(actor_path).get("template", template) if cfg.template == "auto" else template
+
+    # 1. prompts of this step's slice (too-long prompts dropped and counted)
+    train_ds, eval_ds, stats = common.step_datasets(cfg, tokenizer, template, "prompt", 3,
+                                                    cfg.max_prompt_seq_len + cfg.max_answer_seq_len,
+                                                    cfg.max_prompt_seq_len)
+    dropped = stats["train"].get("dropped_long_prompts", 0)
+    write_line(f"ppo: {len(train_ds)} prompts ({dropped} longer than {cfg.max_prompt_seq_len} "
+               f"tokens dropped), {template} format")
+    world, rank = run.world, ds.rank()
+    per_epoch = iterations_per_epoch(len(train_ds), cfg, world)
+    if per_epoch == 0:
+        from ..errors import DataError
+
+        raise DataError(f"ppo has {len(train_ds)} prompts, fewer than one iteration needs "
+                        f"({cfg.per_device_generation_batch_size} x {cfg.generation_batches} x {world} "
+                        "devices); lower --per-device-generation-batch-size or add data")
+    n_iters = per_epoch * cfg.num_train_epochs
+    if cfg.max_steps > 0:
+        n_iters = min(n_iters, cfg.max_steps)
+    if cfg.enable_test_mode and cfg.test_stop_step > 0:
+        n_iters = min(n_iters, cfg.test_stop_step)
+    mb_per_iter = cfg.per_device_generation_batch_size * cfg.generation_batches // cfg.per_device_training_batch_size
+    opt_steps = n_iters * cfg.ppo_epochs * mb_per_iter // cfg.gradient_accumulation_steps
+
+    # 2. models
+    models = build_models(cfg, tokenizer, opt_steps, run.dtype)
+    trainer = PPOTrainer(models, cfg)
+    ptx = load_ptx(cfg, tokenizer) if cfg.unsupervised_dataset_name else None
+    flops_actor = matmul_params(models.actor.module)
+    flops_critic = matmul_params(models.critic.module)
+
+    # resume
+    it, epoch, start_batch = 0, 0, 0
+    engines = {"actor": models.actor, "critic": models.critic}
+    if cfg.resume and (last := ckpt.latest_checkpoint(run.ckpt_dir)) is not None:
+        state = ckpt.load_checkpoint(last, engines)
+        it, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
+        trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+        if models.actor_ema is not None and (last / "actor_ema.pt").exists():
+            models.actor_ema = torch.load(last / "actor_ema.pt")
+        write_line(f"resumed from {last} at iteration {it}")
+
+    bar = progress(n_iters, "ppo", cfg.progress, initial=it, unit="iter")
+    gb = cfg.per_device_generation_batch_size
+    while it < n_iters:
+        order = common.epoch_batches(len(train_ds), cfg.seed, epoch, gb * world)
+        groups = [order[i:i + cfg.generation_batches]
+                  for i in range(0, per_epoch * cfg.generation_batches, cfg.generation_batches)]
+        for g in range(start_batch, len(groups)):
+            if it >= n_iters:
+                break
+            t_iter = time.time()
+            # 1-3. experience from `generation_batches` rollout batches
+            exps, gen_stats = [], []
+            for global_rows in groups[g]:
+                rows = global_rows[rank * gb:(rank + 1) * gb]
+                batch = collate_prompts([train_ds[i] for i in rows], tokenizer.pad_token_id)
+                exps.append(trainer.generate_experience(batch["input_ids"], batch["attention_mask"], it))
+                gen_stats.append(dict(trainer.last_stats))
+            # 4. PPO epochs over mini-batches (each within one rollout batch: no re-padding)
+            t_train = time.time()
+            train_stats = []
+            mb = cfg.per_device_training_batch_size
+            for _ in range(cfg.ppo_epochs):
+                for exp in exps:
+                    perm = torch.randperm(exp.batch_size)
+                    for s in range(0, exp.batch_size, mb):
+                        trainer.train_rlhf(exp.select(perm[s:s + mb]))
+                        train_stats.append(dict(trainer.last_stats))
+                        if ptx is not None:
+                            trainer.train_unsupervised(next(ptx), cfg.unsup_coef)
+            t_train = time.time() - t_train
+            # 5. EMA, KL controller, metrics, answers, checkpoint
+            models.update_ema(cfg.ema_beta)
+            n_samples = sum(e.batch_size for e in exps)
+            mean_kl = sum(s["policy/kl"] for s in gen_stats) / len(gen_stats)
+            trainer.kl_ctl.update(mean_kl, n_samples * world)
+            it += 1
+            metrics = _mean_stats(gen_stats, ("reward/", "policy/kl", "response/", "tokens/"))
+            metrics.update(_mean_stats(train_stats, ("loss/", "policy/clipfrac", "policy/approx_kl",
+                                                     "policy/ratio", "policy/entropy", "value/")))
+            t_gen = sum(s["time/generate"] for s in gen_stats)
+            t_score = sum(s["time/score"] for s in gen_stats)
+            dt = time.time() - t_iter
+            tokens = sum(int(e.attention_mask.sum()) for e in exps)
+            gen_tokens = sum(s["tokens/generated"] for s in gen_stats)
+            # FLOPs: 2N per token per forward, 6N per token per trained forward+backward
+            flops = (2 * flops_actor * tokens                               # generation
+                     + 2 * flops_actor * tokens + 4 * flops_critic * tokens  # ref, critic, reward
+                     + cfg.ppo_epochs * 6 * (flops_actor + flops_critic) * tokens)
+            metrics.update({"time/generate": t_gen, "time/score": t_score, "time/train": t_train,
+                            "time/iteration": dt, "perf/samples_per_s": n_samples * world / dt,
+                            "perf/tokens_per_s": tokens * world / dt,
+                            "perf/generated_tokens_per_s": gen_tokens * world / max(t_gen, 1e-9),
+                            "perf/flops_per_s": flops * world / dt, "policy/kl_coef": trainer.kl_ctl.value})
+            if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
+                raise FloatingPointError(f"ppo iteration {it}: non-finite metrics {metrics}; lower the "
+                                         "learning rates or check the reward model")
+            run.logger.log(it, metrics)
+            bar.set_postfix(reward=f"{metrics['reward/score']:.3f}", kl=f"{metrics['policy/kl']:.3f}")
+            bar.update(1)
+            if cfg.print_answers and it % cfg.print_answers_interval == 0:
+                print_answers(exps[0], tokenizer, it)
+            if cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0 and it < n_iters:
+                nxt = (epoch, g + 1) if g + 1 < len(groups) else (epoch + 1, 0)
+                ckpt.save_checkpoint(run.ckpt_dir, it, engines,
+                                     {"epoch": nxt[0], "batch_in_epoch": nxt[1],
+                                      "kl_ctl": trainer.kl_ctl.state_dict()})
+                if models.actor_ema is not None and ds.is_main():
+                    torch.save(models.actor_ema, ckpt.latest_checkpoint(run.ckpt_dir) / "actor_ema.pt")
+        epoch += 1
+        start_batch = 0
+    bar.close()
+
+    # 6. save actor, critic (and EMA) as loadable folders
+    meta = {"template": template, "base_model": actor_path}
+    ckpt.save_model(models.actor.module, tokenizer, run.out_dir / "actor", {"step": "ppo", **meta})
+    ckpt.save_model(models.critic.module, tokenizer, run.out_dir / "critic", {"step": "ppo-critic", **meta})
+    if models.actor_ema is not None:
+        save_ema(models, tokenizer, run.out_dir / "actor_ema", {"step": "ppo-ema", **meta})
+    write_line(f"ppo: done; actor saved to {run.out_dir / 'actor'}")
+    run.logger.close()
+    return run.out_dir / "actor"
+
+
+def save_ema(models: RLHFModels, tokenizer, out_dir: Path, meta: dict) -> None:
+    from ..models.load import atomic_dir, write_meta
+    from ..models.lora import has_lora, merged_state_dict
+
+    if not ds.is_main():
+        return
+    state = models.actor_ema
+    module = models.actor.module
+    if has_lora(module):
+        state = merged_state_dict(module, state)
+    with atomic_dir(out_dir) as tmp:
+        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_meta(tmp, kind="causal_lm", **meta)
+
+
+def _mean_stats(rows: list[dict], prefixes: tuple) -> dict:
+    keys = {k for r in rows for k in r if k.startswith(prefixes)}
+    return {k: sum(r[k] for r in rows if k in r) / max(sum(1 for r in rows if k in r), 1) for k in sorted(keys)}
+
+
+def print_answers(exp: Experience, tokenizer, it: int) -> None:
+    if not ds.is_main():
+        return
+    P = exp.prompt_len
+    for i in range(min(2, exp.batch_size)):
+        prompt = tokenizer.decode(exp.sequences[i, :P][exp.attention_mask[i, :P].bool()], skip_special_tokens=True)
+        n = int(exp.action_mask[i].sum())
+        answer = tokenizer.decode(exp.sequences[i, P:P + n], skip_special_tokens=True)
+        write_line(f"[ppo {it}] score={exp.scores[i]:.3f}\n  prompt: {prompt.strip()[-200:]}\n  answer: {answer.strip()}")
+
+
+def load_ptx(cfg, tokenizer):
+    """An endless iterator of LM batches from the unsupervised (PTX) dataset."""
+    from ..data.ptx import ptx_batches
+
+    return ptx_batches(cfg.unsupervised_dataset_name, cfg.unsupervised_dataset_config_name, tokenizer,
+                       max_len=cfg.max_prompt_seq_len + cfg.max_answer_seq_len,
+                       batch_size=cfg.per_device_training_batch_size, seed=cfg.seed)

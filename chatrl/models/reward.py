@@ -46,6 +46,12 @@ class RewardModel(nn.Module):
     def gradient_checkpointing_enable(self, **kw):
         self.backbone.gradient_checkpointing_enable(**kw)
 
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return None
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Per-token values [batch, seq] (fp32)."""

@@ -88,14 +88,14 @@ def dispatch(argv: list[str]) -> int:
         from .evaluate import eval_main
 
         return eval_main(rest)
-    if cmd == "chat":
-        from .serve.chat import chat_main
+    if cmd in ("chat", "serve"):
+        import argparse
+        import importlib
 
-        return chat_main(rest) or 0
-    if cmd == "serve":
-        from .serve.server import serve_main
-
-        return serve_main(rest) or 0
+        mod = importlib.import_module(f".serve.{'chat' if cmd == 'chat' else 'server'}", __package__)
+        parser = argparse.ArgumentParser(prog=f"chatrl {cmd}")
+        getattr(mod, f"add_{cmd}_args")(parser)
+        return getattr(mod, f"{cmd}_main")(parser.parse_args(rest)) or 0
     print(f"chatrl: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
 

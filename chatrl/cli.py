@@ -103,7 +103,11 @@ def dispatch(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     from .errors import ChatRLError
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `deepspeed --num_gpus N -m chatrl sft ...` puts --local_rank=R before the command; move it
+    # behind a step name (its config accepts it), drop it elsewhere (LOCAL_RANK is in the env).
+    if argv and argv[0].startswith("--local_rank="):
+        argv = argv[1:2] + (argv[:1] if argv[1:2] and argv[1] in STEPS else []) + argv[2:]
     try:
         code = dispatch(argv)
     except ChatRLError as e:

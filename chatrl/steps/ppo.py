@@ -75,6 +75,18 @@ class Experience:
         out["prompt_len"] = P - start
         return Experience(**out)
 
+    _DSCHAT_KEYS = {"prompts": None, "logprobs": "logprobs", "ref_logprobs": "ref_logprobs",
+                    "value": "values", "rewards": "rewards", "input_ids": "sequences",
+                    "attention_mask": "attention_mask"}
+
+    def __getitem__(self, key: str):
+        """DeepSpeed-Chat's experience keys (`out["value"]`, `out["prompts"]`, ...)."""
+        if key == "prompts":
+            return self.sequences[:, :self.prompt_len]
+        if key in self._DSCHAT_KEYS:
+            return getattr(self, self._DSCHAT_KEYS[key])
+        return getattr(self, key)
+
     @property
     def batch_size(self) -> int:
         return self.sequences.shape[0]

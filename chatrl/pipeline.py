@@ -1,0 +1,201 @@
+"""`chatrl train`: steps 1, 2 and 3 in order, each feeding the next; resumable; then a report.
+
+DeepSpeed-Chat's driver flags are accepted as they are (`--actor-model`, `--reward-model`,
+`--num-gpus` / `--deployment-type`, `--actor-zero-stage`, `--reward-zero-stage`, `--output-dir`)
+and the output layout is DeepSpeed-Chat's:
+
+    output/actor-models/<actor>/model          step 1 (Hugging Face folder)
+    output/reward-models/<reward>/model        step 2
+    output/step3-models/<actor>/actor|critic   step 3 (and actor_ema/ with EMA)
+    output/report.md, output/plots/*.png       the report
+
+A step whose model folder exists is skipped; an interrupted step resumes from its last
+checkpoint. With one device each step runs in this process; with more (or a hostfile) each step
+runs under the DeepSpeed launcher with its resolved config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import config as C
+from .errors import ConfigError
+
+STEP_NAMES = {1: "sft", 2: "rm", 3: "ppo"}
+
+
+def build_parser(prog: str = "chatrl train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--step", nargs="+", type=int, default=[1, 2, 3], choices=(1, 2, 3),
+                   help="steps to run (any subset of 1 2 3)")
+    p.add_argument("--actor-model", "--actor_model", dest="actor_model", default=None,
+                   help="actor base model (hub id, folder, .gguf; default: embedded SmolLM2-135M)")
+    p.add_argument("--reward-model", "--reward_model", dest="reward_model", default=None,
+                   help="reward/critic base model (default: the actor model)")
+    p.add_argument("--actor-zero-stage", "--actor_zero_stage", dest="actor_zero_stage", type=int,
+                   default=None, choices=(0, 1, 2, 3))
+    p.add_argument("--reward-zero-stage", "--reward_zero_stage", dest="reward_zero_stage", type=int,
+                   default=None, choices=(0, 1, 2, 3))
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", default=C.OUTPUT_ROOT)
+    p.add_argument("--deployment-type", "--deployment_type", dest="deployment_type", default=None,
+                   choices=("single_gpu", "single_node", "multi_node"))
+    p.add_argument("--num-gpus", "--num_gpus", dest="num_gpus", type=int, default=None,
+                   help="devices: 1 runs in-process; more use the DeepSpeed launcher")
+    p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for multi-node runs")
+    p.add_argument("--data-path", "--data_path", dest="data_path", nargs="+", default=None,
+                   help="datasets for all steps (default: the preset's, the demo task)")
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip the final report")
+    p.add_argument("--report-prompts", type=int, default=32, help="held-out prompts in the report")
+    p.add_argument("--restart", action="store_true", help="redo finished steps instead of skipping")
+    C.add_common_args(p)
+    return p
+
+
+def _launch_plan(args) -> list[str] | None:
+    """None for in-process; else the DeepSpeed launcher's command prefix."""
+    n, kind = args.num_gpus, args.deployment_type
+    if kind is None and n is not None:
+        kind = "single_gpu" if n <= 1 else ("single_node" if n <= 8 else "multi_node")
+    if kind in (None, "single_gpu") and not args.hostfile:
+        return None
+    launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [launcher]
+    if kind == "multi_node" or args.hostfile:
+        hostfile = args.hostfile or "/job/hostfile"
+        if not os.path.exists(hostfile):
+            raise ConfigError(f"a multi-node run needs a DeepSpeed hostfile; {hostfile} does not "
+                              "exist. Pass --hostfile FILE (lines like 'worker-1 slots=8')")
+        cmd += ["--hostfile", hostfile]
+    elif n is not None and n > 1:
+        cmd += ["--num_gpus", str(n)]
+    return cmd + ["--module", "chatrl"]
+
+
+def _split_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    """`sft.learning_rate=1e-4` goes to step 1 only; `seed=3` to every step that has `seed`."""
+    scoped: dict[str, list[str]] = {"sft": [], "rm": [], "ppo": []}
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if "." in key:
+            step, rest = o.split(".", 1)
+            if step not in scoped:
+                raise ConfigError(f"override {o!r}: prefix {step!r} is not a step; use sft., rm. or ppo.")
+            scoped[step].append(rest)
+        else:
+            name = key.replace("-", "_")
+            hits = [s for s in scoped if name in C.STEP_CONFIGS[s].__dataclass_fields__]
+            if not hits:
+                raise ConfigError(f"override {o!r}: no step has an option {name!r}")
+            for s in hits:
+                scoped[s].append(o)
+    return scoped
+
+
+def plan_steps(args) -> dict[str, object]:
+    """The resolved config of each step (all three, so later steps know earlier outputs)."""
+    root = args.output_dir
+    named = args.actor_model is not None or bool(args.config)
+    preset = args.preset or (None if named else "cpu-default")
+    scoped = _split_overrides(args.overrides)
+
+    def from_files(step: str):
+        """The step's model as the preset / config files / overrides name it."""
+        return C.build_config(C.STEP_CONFIGS[step], files=args.config, preset=preset,
+                              overrides=scoped[step], section=step, validate=False).model_name_or_path
+
+    actor = args.actor_model or from_files("sft")
+    reward = args.reward_model or (from_files("rm") if not args.actor_model else None) or actor
+    sft_dir = C.default_output_dir("sft", actor, root)
+    rm_dir = C.default_output_dir("rm", reward, root)
+    common = {"resume": True}
+    if args.data_path:
+        common["data_path"] = args.data_path
+    cli = {
+        "sft": {**common, "model_name_or_path": actor, "output_dir": sft_dir,
+                **({"zero_stage": args.actor_zero_stage} if args.actor_zero_stage is not None else {})},
+        "rm": {**common, "model_name_or_path": reward, "output_dir": rm_dir,
+               **({"zero_stage": args.reward_zero_stage} if args.reward_zero_stage is not None else {})},
+        "ppo": {**common, "actor_model_name_or_path": str(Path(sft_dir) / "model"),
+                "critic_model_name_or_path": str(Path(rm_dir) / "model"),
+                "output_dir": C.default_output_dir("ppo", actor, root),
+                **({"actor_zero_stage": args.actor_zero_stage} if args.actor_zero_stage is not None else {}),
+                **({"critic_zero_stage": args.reward_zero_stage} if args.reward_zero_stage is not None else {})},
+    }
+    plans = {}
+    for name in ("sft", "rm", "ppo"):
+        values = {k: v for k, v in cli[name].items() if v is not None}
+        plans[name] = C.build_config(C.STEP_CONFIGS[name], cli=values, files=args.config, preset=preset,
+                                     overrides=scoped[name], section=name, validate=False)
+        plans[name].validate()
+    return plans
+
+
+def step_done(name: str, cfg) -> Path | None:
+    out = Path(cfg.output_dir) / ("actor" if name == "ppo" else "model")
+    return out if (out / "chatrl.json").exists() else None
+
+
+def _run_in_process(name: str, cfg) -> None:
+    from .steps.ppo import run_ppo
+    from .steps.reward import run_rm
+    from .steps.sft import run_sft
+
+    {"sft": run_sft, "rm": run_rm, "ppo": run_ppo}[name](cfg)
+    gc.collect()
+
+
+def _run_launched(prefix: list[str], name: str, cfg) -> None:
+    cfg_file = Path(cfg.output_dir) / "launch_config.yaml"
+    cfg_file.parent.mkdir(parents=True, exist_ok=True)
+    C.save_config(cfg, cfg_file)
+    cmd = prefix + [name, "--config", str(cfg_file)]
+    print(f"[chatrl train] launching: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    code = subprocess.call(cmd)
+    if code != 0:
+        raise SystemExit(f"chatrl train: step {name} failed under the DeepSpeed launcher (exit {code}); "
+                         f"fix the error above and re-run the same command to resume")
+
+
+def train_main(argv: list[str] | None = None, prog: str = "chatrl train") -> int:
+    args = build_parser(prog).parse_args(argv)
+    plans = plan_steps(args)
+    prefix = _launch_plan(args)
+    wanted = [STEP_NAMES[s] for s in sorted(set(args.step))]
+    t0 = time.time()
+    timings = {}
+    for name in wanted:
+        cfg = plans[name]
+        done = step_done(name, cfg)
+        if done and not args.restart:
+            print(f"[chatrl train] step {name}: already finished ({done}); skipping", file=sys.stderr)
+            continue
+        if args.restart:
+            cfg = dataclasses.replace(cfg, resume=False)
+        print(f"[chatrl train] step {name} -> {cfg.output_dir}", file=sys.stderr, flush=True)
+        t = time.time()
+        if prefix is None:
+            _run_in_process(name, cfg)
+        else:
+            _run_launched(prefix, name, cfg)
+        timings[name] = time.time() - t
+    actor = step_done("ppo", plans["ppo"]) or step_done("sft", plans["sft"])
+    if args.report and step_done("ppo", plans["ppo"]):
+        from .report import write_report
+
+        report = write_report(Path(args.output_dir), plans, timings, n_prompts=args.report_prompts)
+        print(f"[chatrl train] report: {report}", file=sys.stderr)
+    print(f"[chatrl train] finished in {time.time() - t0:.0f}s", file=sys.stderr)
+    if actor:
+        print(f"\nYour chat model: {actor}\nTalk to it:      chatrl chat --path {actor}\n"
+              f"Serve it:        chatrl serve --path {actor}")
+    return 0

@@ -354,6 +354,12 @@ def list_presets() -> list[str]:
 
 def load_yaml(path: str | Path, section: str | None = None) -> dict:
     """A config file's values: top-level keys plus, if present, the `section` block (e.g. `sft:`)."""
+    top, own = load_yaml_parts(path, section)
+    return {**top, **own}
+
+
+def load_yaml_parts(path: str | Path, section: str | None = None) -> tuple[dict, dict]:
+    """(top-level keys, keys of the `section` block) of a YAML config file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -363,10 +369,9 @@ def load_yaml(path: str | Path, section: str | None = None) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option: value")
-    out = {k: v for k, v in raw.items() if not isinstance(v, dict)}
-    if section and isinstance(raw.get(section), dict):
-        out.update(raw[section])
-    return out
+    top = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    own = dict(raw[section]) if section and isinstance(raw.get(section), dict) else {}
+    return top, own
 
 
 def preset_path(name: str) -> Path:
@@ -393,11 +398,21 @@ def build_config(cls, *, cli: dict | None = None, files: list | None = None, pre
                 continue
             values[k] = _coerce(k, _base_type(known[k].type), v, where)
 
+    def merge_file(path: Path, where: str):
+        # Top-level keys apply to every step that has them (and must exist in some step);
+        # keys in this step's section must belong to it.
+        top, own = load_yaml_parts(path, section)
+        every = set().union(*(_fields(c) for c in STEP_CONFIGS.values()))
+        unknown = [k for k in top if k.replace("-", "_") not in every]
+        if unknown:
+            raise ConfigError(f"{where}: unknown option(s) {', '.join(map(repr, unknown))}")
+        merge(top, where, strict=False)
+        merge(own, f"{where} [{section}]", strict=True)
+
     if preset:
-        # Presets hold every step's section; keys that belong to another step are ignored.
-        merge(load_yaml(preset_path(preset), section), f"preset {preset}", strict=False)
+        merge_file(preset_path(preset), f"preset {preset}")
     for f in files or []:
-        merge(load_yaml(f, section), str(f), strict=False)
+        merge_file(Path(f), str(f))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. learning_rate=1e-4)")
@@ -481,7 +496,8 @@ def to_dict(cfg) -> dict:
 
 def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config (every field) as YAML beside a step's output."""
-    Path(path).write_text(yaml.safe_dump({"step": type(cfg).__name__, **to_dict(cfg)}, sort_keys=False))
+    text = f"# resolved {type(cfg).__name__} (every field; usable as --config)\n"
+    Path(path).write_text(text + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def from_namespace(cls, ns) -> Any:

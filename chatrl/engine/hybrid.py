@@ -67,8 +67,9 @@ class GenerationBackend(Protocol):
 
 def hf_generate(model, input_ids, attention_mask, params: GenerationParams,
                 return_logprobs: bool = False, synced_gpus: bool = False) -> Generation:
-    """Transformers generate; optionally the log-prob of each sampled token from the raw logits
-    (what the policy assigned before temperature/top-p), which saves PPO a full actor forward."""
+    """Transformers generate; optionally the log-prob of each sampled token under the policy
+    softmax(logits / temperature) (top-p/top-k truncation ignored, as in the training forward),
+    which saves PPO a full actor forward."""
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                          return_dict_in_generate=True, output_logits=return_logprobs,
                          synced_gpus=synced_gpus, **params.hf_kwargs())
@@ -77,6 +78,8 @@ def hf_generate(model, input_ids, attention_mask, params: GenerationParams,
     if return_logprobs:
         new = seq[:, input_ids.shape[1]:]
         logits = torch.stack(out.logits, dim=1).float()           # [batch, new, vocab]
+        if params.temperature > 0:
+            logits = logits / params.temperature
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
     return Generation(seq, logprobs)
 

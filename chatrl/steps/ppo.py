@@ -92,10 +92,13 @@ class Experience:
         return self.sequences.shape[0]
 
 
-def answer_logits(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Logits predicting each answer token: forward over prompt + answer, sliced. [B, R, V]"""
+def answer_logits(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """Logits of the sampling policy for each answer token: forward over prompt + answer, sliced,
+    divided by the rollout temperature (the policy that sampled is softmax(logits / T)). [B, R, V]"""
     out = model(**model_inputs(model, seq, mask), use_cache=False)
-    return out.logits[:, prompt_len - 1:-1]
+    logits = out.logits[:, prompt_len - 1:-1]
+    return logits / temperature if temperature > 0 and temperature != 1.0 else logits
 
 
 def answer_values(critic, seq, mask, prompt_len: int) -> torch.Tensor:
@@ -171,7 +174,7 @@ class PPOTrainer:
 
     def _logprobs(self, model, seq, mask, P) -> torch.Tensor:
         target = next(model.parameters()).device
-        logits = answer_logits(model, seq.to(target), mask.to(target), P)
+        logits = answer_logits(model, seq.to(target), mask.to(target), P, self.cfg.temperature)
         return gather_logprobs(logits, seq[:, P:].to(target)).float().to(self.device)
 
     def _score(self, seq, mask) -> torch.Tensor:
@@ -186,7 +189,7 @@ class PPOTrainer:
         cfg, m = self.cfg, self.models
         P, mask, act = exp.prompt_len, exp.attention_mask, exp.action_mask
         # actor
-        logits = answer_logits(m.actor, exp.sequences, mask, P)
+        logits = answer_logits(m.actor, exp.sequences, mask, P, cfg.temperature)
         logprobs = gather_logprobs(logits, exp.sequences[:, P:])
         actor_loss, pstats = policy_loss(logprobs, exp.logprobs, exp.advantages, act, cfg.cliprange)
         with torch.no_grad():

@@ -81,6 +81,8 @@ class CommonConfig:
     checkpoint_interval: int = opt(0, "save a resumable checkpoint every N optimizer steps (0: at "
                                       "the end of each epoch only)")
     resume: bool = opt(False, "continue from the last checkpoint in <output_dir>/checkpoints")
+    keep_checkpoints: bool = opt(False, "keep checkpoints after the final model is saved (by default "
+                                        "they are deleted then: they only serve to resume)")
     max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")
 
     def validate(self) -> None:

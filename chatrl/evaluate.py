@@ -49,10 +49,12 @@ def generate_answers(path: str, prompts: list[list[dict]], max_new_tokens: int =
     model = load_causal_lm(path, tokenizer=tok).eval()
     template = model_template(path, tok, template)
     texts = [render_prompt(tok, m, template) for m in prompts]
+    from .logging import progress_iter
+
     torch.manual_seed(seed)
     out: list[list[str]] = [[] for _ in prompts]
     for _ in range(samples):
-        for i in range(0, len(texts), batch_size):
+        for i in progress_iter(range(0, len(texts), batch_size), f"answers {Path(path).name}"):
             enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True,
                       add_special_tokens=template == "plain")
             kw = {"do_sample": temperature > 0}

@@ -74,6 +74,16 @@ def progress(total: int, desc: str, enabled: bool = True, initial: int = 0, unit
                 disable=not (enabled and ds.is_main()), file=sys.stderr, mininterval=0.5)
 
 
+def progress_iter(items, desc: str, enabled: bool = True):
+    """Iterate with a progress bar (rank 0), e.g. over evaluation batches."""
+    items = list(items)
+    bar = progress(len(items), desc, enabled, unit="batch")
+    for x in items:
+        yield x
+        bar.update(1)
+    bar.close()
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     p = Path(path)
     if p.is_dir():

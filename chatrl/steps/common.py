@@ -215,6 +215,9 @@ def supervised_loop(run: Run, engine, train_ds, spec: LoopSpec, *,
                                      {"epoch": nxt_epoch, "batch_in_epoch": nxt_b})
         epoch += 1
         start_in_epoch = 0
+        if not spec.checkpoint_interval and step < n_total:
+            ckpt.save_checkpoint(run.ckpt_dir, step, {"model": engine},
+                                 {"epoch": epoch, "batch_in_epoch": 0})
         if evaluate and not spec.eval_interval and step < n_total:
             last_eval = evaluate()
             run.logger.log(step, last_eval, kind="eval")
@@ -223,6 +226,16 @@ def supervised_loop(run: Run, engine, train_ds, spec: LoopSpec, *,
         last_eval = evaluate()
         run.logger.log(step, last_eval, kind="eval")
     return last_eval
+
+
+def finish_run(run: Run) -> None:
+    """After the final model is saved: drop the checkpoints (unless asked to keep them)."""
+    import shutil
+
+    if not run.cfg.keep_checkpoints and ds.is_main():
+        shutil.rmtree(run.ckpt_dir, ignore_errors=True)
+    ds.barrier()
+    run.logger.close()
 
 
 def eval_batches(n_rows: int, batch: int, max_batches: int, rank: int, world: int) -> list[list[int]]:

@@ -404,7 +404,7 @@ def run_ppo(cfg) -> Path:
     if models.actor_ema is not None:
         save_ema(models, tokenizer, run.out_dir / "actor_ema", {"step": "ppo-ema", **meta})
     write_line(f"ppo: done; actor saved to {run.out_dir / 'actor'}")
-    run.logger.close()
+    common.finish_run(run)
     return run.out_dir / "actor"
 
 

@@ -16,7 +16,7 @@ import torch
 from ..data import collate_pairs
 from ..engine import checkpoint as ckpt
 from ..engine import ds
-from ..logging import write_line
+from ..logging import progress_iter, write_line
 from ..models import resolve_model_path
 from ..models.reward import RewardModel, gather_last
 from ..rl import dschat_pairwise_loss, pairwise_loss
@@ -87,7 +87,7 @@ def run_rm(cfg) -> Path:
         (final / "run_config.yaml").write_text((run.out_dir / "run_config.yaml").read_text())
     write_line(f"rm: done; model saved to {final}"
                + (f" (eval accuracy {last_eval['accuracy']:.3f})" if last_eval else ""))
-    run.logger.close()
+    common.finish_run(run)
     return final
 
 
@@ -100,7 +100,8 @@ def evaluate_pairs(model, eval_ds, collate, batch: int, max_batches: int, world_
     rank, world = world_rank or (ds.rank(), ds.world_size())
     sums = torch.zeros(5, dtype=torch.float64)  # correct, chosen, rejected, n, loss
     dev = next(module.parameters()).device
-    for rows in common.eval_batches(len(eval_ds), batch, max_batches, rank, world):
+    for rows in progress_iter(common.eval_batches(len(eval_ds), batch, max_batches, rank, world),
+                              "rm eval"):
         c, r, _ = pair_scores(model, collate([eval_ds[i] for i in rows]), dev)
         loss, _ = pairwise_loss(c, r)
         sums += torch.tensor([(c > r).sum().item(), c.sum().item(), r.sum().item(), len(rows),

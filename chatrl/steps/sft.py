@@ -17,7 +17,7 @@ import torch
 from ..data import collate_sft
 from ..engine import checkpoint as ckpt
 from ..engine import ds
-from ..logging import write_line
+from ..logging import progress_iter, write_line
 from ..models import load_causal_lm, resolve_model_path
 from ..models.lora import apply_lora
 from ..rl import sft_loss, token_counts
@@ -104,7 +104,7 @@ def run_sft(cfg) -> Path:
         (final / "run_config.yaml").write_text((run.out_dir / "run_config.yaml").read_text())
     write_line(f"sft: done; model saved to {final}"
                + (f" (eval perplexity {last_eval['perplexity']:.3f})" if last_eval else ""))
-    run.logger.close()
+    common.finish_run(run)
     return final
 
 
@@ -113,7 +113,8 @@ def evaluate_perplexity(engine, eval_ds, collate, batch: int, max_batches: int) 
     was_training = engine.module.training
     engine.eval()
     nll, count = 0.0, 0
-    for rows in common.eval_batches(len(eval_ds), batch, max_batches, ds.rank(), ds.world_size()):
+    for rows in progress_iter(common.eval_batches(len(eval_ds), batch, max_batches, ds.rank(),
+                                                  ds.world_size()), "sft eval"):
         b = collate([eval_ds[i] for i in rows])
         dev = engine.device
         out = engine(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),

@@ -197,7 +197,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     import deepspeed
 
     out = {}
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under both names
     for name, tensor in model.state_dict(keep_vars=True).items():
         p = params.get(name)
         if p is not None and hasattr(p, "ds_id"):

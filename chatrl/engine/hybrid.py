@@ -60,7 +60,8 @@ class GenerationBackend(Protocol):
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 params: GenerationParams, return_logprobs: bool = False) -> Generation: ...
+                 params: GenerationParams, return_logprobs: bool = False,
+                 synced_gpus: bool = False) -> Generation: ...
 
     def release(self) -> None: ...
 
@@ -85,23 +86,49 @@ def hf_generate(model, input_ids, attention_mask, params: GenerationParams,
 
 
 class HFBackend:
-    """Generates with a plain Transformers module: the training module itself (ZeRO 0-2) or, under
-    ZeRO-3, an inference copy that `sync_weights` fills with the gathered weights."""
+    """Generates with a plain Transformers module.
 
-    def __init__(self, model=None):
-        self.model = model
+    `share(module)`: generate with the training module itself (ZeRO 0-2: its weights are whole
+    on every rank, so nothing is copied). `sync_weights(named tensors)`: build (once) a hook-free
+    inference copy and load the given full weights into it — the ZeRO-3 path, and the contract a
+    vLLM backend implements the same way.
+    """
+
+    def __init__(self, config=None, generation_config=None, device=None):
+        self.config = config
+        self.generation_config = generation_config
+        self.device = device
+        self.model = None
+        self._shared = False
+
+    def share(self, module) -> None:
+        self.model, self._shared = module, True
 
     def sync_weights(self, named_tensors) -> None:
+        if self.model is None or self._shared:
+            from transformers import AutoModelForCausalLM
+
+            named_tensors = dict(named_tensors)
+            dtype = next(iter(named_tensors.values())).dtype
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+            if self.generation_config is not None:
+                self.model.generation_config = self.generation_config
+            self.model.to(self.device).eval()
+            self._shared = False
         state = self.model.state_dict()
         with torch.no_grad():
-            for name, tensor in named_tensors:
+            for name, tensor in dict(named_tensors).items():
                 state[name].copy_(tensor)
 
-    def generate(self, input_ids, attention_mask, params, return_logprobs=False) -> Generation:
-        return hf_generate(self.model, input_ids, attention_mask, params, return_logprobs)
+    def generate(self, input_ids, attention_mask, params, return_logprobs=False,
+                 synced_gpus: bool = False) -> Generation:
+        return hf_generate(self.model, input_ids, attention_mask, params, return_logprobs, synced_gpus)
 
     def release(self) -> None:
-        self.model = None
+        self.model, self._shared = None, False
+
+
+BACKENDS = {"hf": HFBackend}
 
 
 def _empty_cache() -> None:
@@ -113,11 +140,14 @@ def _empty_cache() -> None:
 class HybridEngine:
     """Wraps the actor's DeepSpeed engine; `generate` runs in generation mode."""
 
-    def __init__(self, actor_engine, release_inference_cache: bool = False, gather_once: bool = True):
+    def __init__(self, actor_engine, release_inference_cache: bool = False, gather_once: bool = True,
+                 backend: str = "hf"):
         self.engine = actor_engine
         self.release_inference_cache = release_inference_cache
         self.gather_once = gather_once
-        self._copy = None   # inference copy under ZeRO-3
+        base = unwrap(actor_engine.module)
+        self.backend = BACKENDS[backend](base.config, base.generation_config,
+                                         next(actor_engine.module.parameters()).device)
 
     @property
     def module(self):
@@ -128,50 +158,45 @@ class HybridEngine:
 
         return is_zero3(self.module)
 
-    def _inference_copy(self):
-        """A plain (hook-free) module with the gathered, LoRA-merged actor weights."""
-        from transformers import AutoModelForCausalLM
-
+    def _sync_gathered(self) -> None:
+        """Gather the full weights once (collective), fold LoRA in, load them into the backend."""
         from .ds import full_state_dict
 
-        module = self.module
-        state = full_state_dict(module)   # collective: one gather per rollout
-        if has_lora(module):
-            state = merged_state_dict(module, state)
-        if self._copy is None:
-            base = unwrap(module)
-            dtype = next(iter(state.values())).dtype
-            self._copy = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
-            self._copy.generation_config = base.generation_config
-            self._copy.to(next(module.parameters()).device).eval()
-        HFBackend(self._copy).sync_weights(state.items())
-        return self._copy
+        state = full_state_dict(self.module)
+        if has_lora(self.module):
+            state = merged_state_dict(self.module, state)
+        self.backend.sync_weights(state.items())
 
     @contextmanager
     def generation_mode(self):
-        """Yields a plain module ready to generate; restores training mode afterwards."""
+        """Yields the backend, ready to generate; restores training mode afterwards."""
         module = self.module
         was_training = module.training
         module.eval()
         try:
             if self._zero3() and self.gather_once:
-                yield self._inference_copy()
+                self._sync_gathered()
+                yield self.backend
             else:
+                # Weights are whole on this rank (or ZeRO-3 gathers per layer, per token).
                 merge = lora_merged(module) if has_lora(module) and not self._zero3() else nullcontext()
                 with merge:
-                    yield module
+                    self.backend.share(module)
+                    yield self.backend
+                self.backend.release()
         finally:
             if was_training:
                 module.train()
             if self.release_inference_cache:
-                self._copy = None
+                self.backend.release()
             _empty_cache()
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, params: GenerationParams,
                  return_logprobs: bool = False) -> Generation:
-        with self.generation_mode() as model:
-            # ZeRO-3 without gather-once: every rank must run the same number of forward steps
-            # (synced_gpus) because each layer's weights are gathered collectively per token.
-            synced = self._zero3() and not self.gather_once and torch.distributed.get_world_size() > 1
-            return hf_generate(model, input_ids, attention_mask, params, return_logprobs, synced)
+        # ZeRO-3 without gather-once: every rank must run the same number of forward steps
+        # (synced_gpus) because each layer's weights are gathered collectively per token.
+        synced = (self._zero3() and not self.gather_once and torch.distributed.is_initialized()
+                  and torch.distributed.get_world_size() > 1)
+        with self.generation_mode() as backend:
+            return backend.generate(input_ids, attention_mask, params, return_logprobs, synced)

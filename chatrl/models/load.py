@@ -252,6 +252,17 @@ def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 _POSITION_CACHE: dict = {}
+_KEEP_CACHE: dict = {}
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the model's forward can compute logits for the last N positions only."""
+    cls = type(unwrap(model))
+    if cls not in _KEEP_CACHE:
+        import inspect
+
+        _KEEP_CACHE[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+    return _KEEP_CACHE[cls]
 
 
 def unwrap(model):

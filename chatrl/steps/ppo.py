@@ -31,7 +31,7 @@ from ..engine.hybrid import GenerationParams
 from ..engine.rlhf import ModelSpec, RLHFModels
 from ..logging import progress, write_line
 from ..models import resolve_model_path
-from ..models.load import model_inputs
+from ..models.load import accepts_logits_to_keep, model_inputs
 from ..models.reward import RewardModel, gather_last
 from ..rl import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae_advantages,
                   gather_logprobs, kl_penalty, kl_shaped_rewards, masked_mean, policy_loss,
@@ -96,8 +96,15 @@ def answer_logits(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int,
                   temperature: float = 1.0) -> torch.Tensor:
     """Logits of the sampling policy for each answer token: forward over prompt + answer, sliced,
     divided by the rollout temperature (the policy that sampled is softmax(logits / T)). [B, R, V]"""
-    out = model(**model_inputs(model, seq, mask), use_cache=False)
-    logits = out.logits[:, prompt_len - 1:-1]
+    answer_len = seq.shape[1] - prompt_len
+    if accepts_logits_to_keep(model):
+        # The vocabulary projection only where an answer token is predicted (the last R + 1
+        # positions; the final one predicts nothing): the prompt's logits are never needed.
+        out = model(**model_inputs(model, seq, mask), use_cache=False, logits_to_keep=answer_len + 1)
+        logits = out.logits[:, :-1]
+    else:
+        out = model(**model_inputs(model, seq, mask), use_cache=False)
+        logits = out.logits[:, prompt_len - 1:-1]
     return logits / temperature if temperature > 0 and temperature != 1.0 else logits
 
 

@@ -441,6 +441,7 @@ OUTPUT_ROOT = "output"
 _OUTPUT_KIND = {"sft": "actor-models", "rm": "reward-models", "ppo": "step3-models", "dpo": "dpo-models"}
 
 
+
 def model_tag(name: str | None) -> str:
     """Short folder name for a model: 'smollm2-135m-instruct' for the default, 'opt-1.3b' for
     facebook/opt-1.3b, the folder name for a local path."""

@@ -22,6 +22,7 @@ from ..data import build_step_data, tokenize_step_data
 from ..data.templates import resolve_template
 from ..engine import checkpoint as ckpt
 from ..engine import ds
+from ..engine.flops import matmul_params, train_flops
 from ..errors import DataError
 from ..logging import MetricsLogger, progress, write_line
 from ..models import load_tokenizer, resolve_model_path
@@ -169,7 +170,8 @@ def supervised_loop(run: Run, engine, train_ds, spec: LoopSpec, *,
 
     bar = progress(n_total, f"{run.name} train", spec.progress, initial=step)
     last_eval: dict = {}
-    t_units, t0 = 0, time.time()
+    t_units, t_tokens, t0 = 0, 0, time.time()
+    n_params = matmul_params(engine.module)
     while step < n_total and epoch < spec.epochs:
         batches = epoch_batches(len(train_ds), spec.seed, epoch, gb)
         for b in range(start_in_epoch, per_epoch):
@@ -186,6 +188,7 @@ def supervised_loop(run: Run, engine, train_ds, spec: LoopSpec, *,
                 engine.backward(loss_sum / n_units * spec.grad_accum * world)
                 engine.step()
                 loss_total += loss_sum.detach().double().cpu()
+                t_tokens += int(batch["attention_mask"].sum())
                 for k, v in extra.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
             step += 1
@@ -200,9 +203,12 @@ def supervised_loop(run: Run, engine, train_ds, spec: LoopSpec, *,
             metrics["epoch"] = epoch + (b + 1) / per_epoch
             if step % spec.log_interval == 0 or step == n_total:
                 dt = time.time() - t0
+                tokens = ds.all_reduce_sum(torch.tensor(float(t_tokens))).item()
                 metrics[f"perf/{unit_name}_per_s"] = t_units / max(dt, 1e-9)
+                metrics["perf/tokens_per_s"] = tokens / max(dt, 1e-9)
+                metrics["perf/flops_per_s"] = train_flops(n_params, tokens) / max(dt, 1e-9)
                 run.logger.log(step, metrics)
-                t_units, t0 = 0, time.time()
+                t_units, t_tokens, t0 = 0, 0, time.time()
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             bar.update(1)
             # 4. evaluate / checkpoint

@@ -27,6 +27,7 @@ import torch
 from ..data import collate_prompts
 from ..engine import checkpoint as ckpt
 from ..engine import ds
+from ..engine.flops import forward_flops, matmul_params, train_flops
 from ..engine.hybrid import GenerationParams
 from ..engine.rlhf import ModelSpec, RLHFModels
 from ..logging import progress, write_line
@@ -233,22 +234,6 @@ def response_ended(answer, action_mask, eos_id) -> float:
     return (answer.gather(1, last.unsqueeze(1)).squeeze(1) == eos_id).float().mean().item()
 
 
-# ---------------------------------------------------------------------------- FLOPs
-
-def matmul_params(model) -> int:
-    """Parameters that take part in a matmul per token (embedding lookup excluded, a tied LM head
-    counted): forward FLOPs per token ~ 2 x this (attention scores ignored)."""
-    from ..models.load import unwrap
-
-    base = unwrap(model)
-    n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in base.parameters())
-    emb = base.get_input_embeddings()
-    out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if out is None or out.weight is not emb.weight:
-        n -= emb.weight.ds_numel if hasattr(emb.weight, "ds_numel") else emb.weight.numel()
-    return n
-
-
 # ---------------------------------------------------------------------------- the step
 
 def build_models(cfg, tokenizer, total_steps: int, dtype: str) -> RLHFModels:
@@ -376,10 +361,9 @@ def run_ppo(cfg) -> Path:
             dt = time.time() - t_iter
             tokens = sum(int(e.attention_mask.sum()) for e in exps)
             gen_tokens = sum(s["tokens/generated"] for s in gen_stats)
-            # FLOPs: 2N per token per forward, 6N per token per trained forward+backward
-            flops = (2 * flops_actor * tokens                               # generation
-                     + 2 * flops_actor * tokens + 4 * flops_critic * tokens  # ref, critic, reward
-                     + cfg.ppo_epochs * 6 * (flops_actor + flops_critic) * tokens)
+            # generation + reference forward (actor-sized), critic + reward forwards, PPO epochs
+            flops = (2 * forward_flops(flops_actor, tokens) + 2 * forward_flops(flops_critic, tokens)
+                     + cfg.ppo_epochs * train_flops(flops_actor + flops_critic, tokens))
             metrics.update({"time/generate": t_gen, "time/score": t_score, "time/train": t_train,
                             "time/iteration": dt, "perf/samples_per_s": n_samples * world / dt,
                             "perf/tokens_per_s": tokens * world / dt,

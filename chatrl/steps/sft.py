@@ -93,7 +93,7 @@ def run_sft(cfg) -> Path:
     last_eval = common.supervised_loop(
         run, engine, train_ds, spec, collate=collate, loss_fn=loss_fn,
         units_fn=lambda row: label_tokens(row, cfg.train_on_prompt),
-        evaluate=evaluate if len(eval_ds) else None, unit_name="tokens")
+        evaluate=evaluate if len(eval_ds) else None, unit_name="label_tokens")
 
     # 5. save
     final = run.out_dir / "model"

@@ -19,7 +19,7 @@ from pathlib import Path
 PYTHON = sys.executable
 
 # Fast flags for the tiny random model (2 layers, hidden 64) on the built-in demo task.
-TINY = ["--model_name_or_path", "tiny", "--max_seq_len", "64", "--progress", "false",
+TINY = ["--model_name_or_path", "tiny", "--max_seq_len", "128", "--progress", "false",
         "--enable_tensorboard", "false", "--dropout", "0"]
 
 

@@ -332,7 +332,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> N
         if tp is bool:
             # `--flag` turns on; `--flag false` / `--no-flag` turn off.
             group.add_argument(*flags, nargs="?", const=True, type=lambda v, n=name: _coerce(n, bool, v, "command line"), **kw)
-            group.add_argument(*[f"--no-{fl[2:]}" for fl in flags], dest=name, action="store_false",
+            negs = [f"--no-{name.replace('_', '-')}"] + ([f"--no_{name}"] if "_" in name else [])
+            group.add_argument(*negs, dest=name, action="store_false",
                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         elif tp is list:
             elem = float if name == "data_weights" else str

@@ -37,6 +37,17 @@ class MetricsLogger:
             except ImportError:  # tensorboard is a dependency; tolerate a broken install
                 print("warning: tensorboard is not importable; TensorBoard logs are off", file=sys.stderr)
 
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows logged after `step` by the interrupted run (they are redone)."""
+        if not self.main:
+            return
+        path = Path(self._file.name)
+        self._file.close()
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+        self._file = open(path, "a", buffering=1)
+
     def log(self, step: int, metrics: dict, kind: str = "train") -> None:
         if not self.main:
             return

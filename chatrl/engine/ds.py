@@ -198,11 +198,16 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     out = {}
     params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under both names
+    done: dict[int, torch.Tensor] = {}  # tied weights stay one tensor (saved once)
     for name, tensor in model.state_dict(keep_vars=True).items():
-        p = params.get(name)
-        if p is not None and hasattr(p, "ds_id"):
+        p = params.get(name, tensor)
+        if id(p) in done:
+            out[name] = done[id(p)]
+            continue
+        if hasattr(p, "ds_id"):
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 out[name] = p.detach().clone().cpu()
         else:
             out[name] = tensor.detach().clone().cpu()
+        done[id(p)] = out[name]
     return out

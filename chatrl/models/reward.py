@@ -68,7 +68,8 @@ class RewardModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype="fp32", dropout: float | None = None,
                         tokenizer=None) -> "RewardModel":
-        """Load a saved reward model, or start a new one (zero value head) from any causal LM."""
+        """Load a saved reward model, or start a new one (randomly initialised value head) from any
+        causal LM."""
         from transformers import AutoModel
 
         config = load_config(path, dropout)

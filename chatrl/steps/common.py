@@ -46,6 +46,11 @@ class Run:
 
 def start_run(cfg, name: str) -> Run:
     """Process group, seed, output folder, resolved config saved, logger."""
+    dtype = ds.resolve_dtype(cfg.dtype)  # raises before anything is written
+    for key in ("model_name_or_path", "actor_model_name_or_path", "critic_model_name_or_path",
+                "reward_model_name_or_path"):
+        if getattr(cfg, key, None):
+            resolve_model_path(getattr(cfg, key))
     ds.init_distributed()
     ds.seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
@@ -55,7 +60,7 @@ def start_run(cfg, name: str) -> Run:
     ds.barrier()
     logger = MetricsLogger(out, name, tensorboard=cfg.enable_tensorboard,
                            tensorboard_path=cfg.tensorboard_path, console=cfg.print_loss)
-    return Run(cfg=cfg, name=name, out_dir=out, dtype=ds.resolve_dtype(cfg.dtype),
+    return Run(cfg=cfg, name=name, out_dir=out, dtype=dtype,
                world=ds.world_size(), logger=logger)
 
 
@@ -86,6 +91,10 @@ def step_datasets(cfg, tokenizer, template: str, kind: str, step_index: int, max
                                         cache_root=cache_root)
         out[split] = tok_ds
         stats[split] = st
+    skipped = sum(int(v.get("skipped_rows", 0)) for v in raw.stats.get("sources", {}).values())
+    if skipped:
+        write_line(f"{skipped} bad rows skipped (--skip-bad-rows); per source: "
+                   + ", ".join(f"{k}: {v.get('skipped_rows', 0)}" for k, v in raw.stats["sources"].items()))
     if len(out["train"]) == 0:
         raise DataError(f"step {step_index} has no training rows after splitting "
                         f"{list(cfg.data_path)} with --data-split {cfg.data_split}; give this step "
@@ -164,6 +173,7 @@ def supervised_loop(run: Run, engine, train_ds, spec: LoopSpec, *,
         if last is not None:
             state = ckpt.load_checkpoint(last, {"model": engine})
             step, epoch, start_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            run.logger.truncate_after(step)
             write_line(f"resumed from {last} at step {step} (epoch {epoch}, batch {start_in_epoch})")
         else:
             write_line(f"--resume: no checkpoint in {run.ckpt_dir}; starting from scratch")

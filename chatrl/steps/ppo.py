@@ -312,6 +312,7 @@ def run_ppo(cfg) -> Path:
     if cfg.resume and (last := ckpt.latest_checkpoint(run.ckpt_dir)) is not None:
         state = ckpt.load_checkpoint(last, engines)
         it, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
+        run.logger.truncate_after(it)
         trainer.kl_ctl.load_state_dict(state["kl_ctl"])
         if models.actor_ema is not None and (last / "actor_ema.pt").exists():
             models.actor_ema = torch.load(last / "actor_ema.pt")

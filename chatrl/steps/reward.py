@@ -71,7 +71,8 @@ def run_rm(cfg) -> Path:
         return loss * n, {"accuracy": acc.item()}
 
     def evaluate() -> dict:
-        return evaluate_pairs(engine, eval_ds, collate, cfg.per_device_eval_batch_size, cfg.eval_iters)
+        return evaluate_pairs(engine, eval_ds, collate, cfg.per_device_eval_batch_size, cfg.eval_iters,
+                              progress_bars=cfg.progress)
 
     # 3-4. train
     last_eval = common.supervised_loop(run, engine, train_ds, spec, collate=collate, loss_fn=loss_fn,
@@ -92,7 +93,8 @@ def run_rm(cfg) -> Path:
 
 
 @torch.no_grad()
-def evaluate_pairs(model, eval_ds, collate, batch: int, max_batches: int, world_rank=None) -> dict:
+def evaluate_pairs(model, eval_ds, collate, batch: int, max_batches: int, world_rank=None,
+                   progress_bars: bool = True) -> dict:
     """Accuracy and mean chosen/rejected scores over (this rank's share of) the eval pairs."""
     module = getattr(model, "module", model)
     was_training = module.training
@@ -101,7 +103,7 @@ def evaluate_pairs(model, eval_ds, collate, batch: int, max_batches: int, world_
     sums = torch.zeros(5, dtype=torch.float64)  # correct, chosen, rejected, n, loss
     dev = next(module.parameters()).device
     for rows in progress_iter(common.eval_batches(len(eval_ds), batch, max_batches, rank, world),
-                              "rm eval"):
+                              "rm eval", enabled=progress_bars):
         c, r, _ = pair_scores(model, collate([eval_ds[i] for i in rows]), dev)
         loss, _ = pairwise_loss(c, r)
         sums += torch.tensor([(c > r).sum().item(), c.sum().item(), r.sum().item(), len(rows),

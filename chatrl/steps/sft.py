@@ -87,7 +87,7 @@ def run_sft(cfg) -> Path:
 
     def evaluate() -> dict:
         return evaluate_perplexity(engine, eval_ds, collate, cfg.per_device_eval_batch_size,
-                                   cfg.eval_iters)
+                                   cfg.eval_iters, cfg.progress)
 
     # 3-4. train (resume, log, eval, checkpoint)
     last_eval = common.supervised_loop(
@@ -109,12 +109,13 @@ def run_sft(cfg) -> Path:
 
 
 @torch.no_grad()
-def evaluate_perplexity(engine, eval_ds, collate, batch: int, max_batches: int) -> dict:
+def evaluate_perplexity(engine, eval_ds, collate, batch: int, max_batches: int,
+                        progress_bars: bool = True) -> dict:
     was_training = engine.module.training
     engine.eval()
     nll, count = 0.0, 0
     for rows in progress_iter(common.eval_batches(len(eval_ds), batch, max_batches, ds.rank(),
-                                                  ds.world_size()), "sft eval"):
+                                                  ds.world_size()), "sft eval", enabled=progress_bars):
         b = collate([eval_ds[i] for i in rows])
         dev = engine.device
         out = engine(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),

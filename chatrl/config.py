@@ -43,7 +43,7 @@ def opt(default, help: str, choices=None, **kw):
 
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("auto", "fast", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -66,8 +66,8 @@ class CommonConfig:
     add_eot_token: bool = opt(False, "end responses with --eot-token instead of the tokenizer's EOS")
     eot_token: str = opt("<|endoftext|>", "end-of-text token used with --add-eot-token")
     # --- precision and devices
-    dtype: str = opt("auto", "weights/compute precision; auto = bf16 on GPUs that support it, "
-                             "else fp32", choices=DTYPES)
+    dtype: str = opt("auto", "weights/compute precision; auto = bf16 on bf16 GPUs, else fp32; "
+                             "fast = bf16 also on CPUs with AVX512-BF16/AMX", choices=DTYPES)
     compute_fp32_loss: bool = opt(False, "upcast logits to fp32 before the loss")
     offload: bool = opt(False, "ZeRO CPU offload of optimizer state (and params at stage 3)")
     local_rank: int = opt(-1, "set by the DeepSpeed launcher")

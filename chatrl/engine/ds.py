@@ -80,10 +80,27 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 matmuls run
+    several times faster than fp32 (measured 4x on a 2-core AVX512-BF16 machine)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def resolve_dtype(name: str) -> str:
-    """'auto' -> bf16 on GPUs that support it, else fp32. fp16 needs a GPU (loss scaling)."""
+    """'auto' -> bf16 on GPUs that support it, else fp32 (exact, the safe CPU default).
+    'fast' -> bf16 wherever the hardware computes it natively (also AVX512-BF16/AMX CPUs), else
+    fp32. fp16 needs a GPU (loss scaling)."""
+    if name in ("auto", "fast") and torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if name == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+        return "fp32"
+    if name == "fast":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     if name == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--dtype fp16 needs a CUDA GPU (DeepSpeed's fp16 loss scaling); on CPU use "
                           "--dtype bf16 or --dtype fp32")

@@ -15,6 +15,7 @@ step-3 names; it is translated once, here, into a typed PPOConfig (missing names
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -49,7 +50,8 @@ class DeepSpeedRLHFEngine:
             from .models import load_tokenizer, resolve_model_path
 
             tokenizer = load_tokenizer(resolve_model_path(self.config.actor_model_name_or_path))
-        self.tokenizer = configure_tokenizer(tokenizer, padding_side="left")
+        # A copy: the caller's tokenizer (often pad == EOS, right padding) stays as it was.
+        self.tokenizer = configure_tokenizer(copy.deepcopy(tokenizer), padding_side="left")
         ds.seed_everything(self.config.seed)
         self.models = build_models(self.config, self.tokenizer, int(num_total_iters or 1),
                                    ds.resolve_dtype(self.config.dtype))
@@ -81,7 +83,7 @@ def _prompt_tensors(prompts, mask, pad_id: int) -> tuple[torch.Tensor, torch.Ten
     if mask.dim() == 1:
         mask = mask.unsqueeze(0)
     # Right-padded rows (a real token after a pad) are re-packed to the left.
-    if bool((mask[:, 1:] > mask[:, :-1]).any()) or bool((mask[:, -1] == 0).any()):
+    if bool((mask[:, :-1] > mask[:, 1:]).any()):  # a pad after a real token: right padding
         lens = mask.sum(1)
         width = int(lens.max())
         new_ids = torch.full((ids.shape[0], width), pad_id, dtype=ids.dtype)
@@ -112,6 +114,27 @@ class DeepSpeedPPOTrainer:
     def stats(self) -> dict:
         """Metrics of the last generate_experience / train_rlhf call."""
         return self._trainer.last_stats
+
+    # DeepSpeed-Chat's trainer attributes
+    @property
+    def actor_model(self):
+        return self.rlhf_engine.actor
+
+    @property
+    def critic_model(self):
+        return self.rlhf_engine.critic
+
+    @property
+    def ref_model(self):
+        return self.rlhf_engine.ref
+
+    @property
+    def reward_model(self):
+        return self.rlhf_engine.reward
+
+    @property
+    def generate_time(self) -> float:
+        return self._trainer.last_stats.get("time/generate", 0.0)
 
     def generate_experience(self, prompts, mask=None, step=None):
         ids, mask = _prompt_tensors(prompts, mask, self.tokenizer.pad_token_id)

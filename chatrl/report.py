@@ -144,7 +144,8 @@ def write_report(root: Path, plans: dict, timings: dict, n_prompts: int = 32,
         first = sum(r["reward/score"] for r in train_ppo[:k]) / k
         last = sum(r["reward/score"] for r in train_ppo[-k:]) / k
         kl = sum(r["policy/kl"] for r in train_ppo[-k:]) / k
-        lines.append(f"- PPO reward score: {first:+.3f} (first {k} iterations) -> {last:+.3f} (last {k}); "
+        lines.append(f"- PPO reward score: {first:+.3f} (mean of the first {k} iteration(s)) -> "
+                     f"{last:+.3f} (last {k}); "
                      f"KL to the reference at the end {kl:.3f}; {len(train_ppo)} iterations")
         sps = sum(r["perf/samples_per_s"] for r in train_ppo) / len(train_ppo)
         lines.append(f"- PPO throughput: {sps:.3f} samples/s")

@@ -88,6 +88,28 @@ class Experience:
             return getattr(self, self._DSCHAT_KEYS[key])
         return getattr(self, key)
 
+    def keys(self):
+        return [*self._DSCHAT_KEYS, "action_mask", "advantages", "returns", "scores", "prompt_len"]
+
+    def items(self):
+        """(key, tensor) pairs, so DeepSpeed-Chat's MiniDataset can slice an experience."""
+        for k in self.keys():
+            v = self[k]
+            yield k, (torch.full((self.batch_size,), v) if k == "prompt_len" else v)
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Experience":
+        """Rebuild from items() output (possibly sliced along the batch)."""
+        p = d["prompt_len"]
+        p = int(p.flatten()[0]) if isinstance(p, torch.Tensor) else int(p)
+        return cls(sequences=d["input_ids"], attention_mask=d["attention_mask"],
+                   action_mask=d["action_mask"], prompt_len=p, logprobs=d["logprobs"],
+                   ref_logprobs=d["ref_logprobs"], values=d["value"], scores=d["scores"],
+                   rewards=d["rewards"], advantages=d["advantages"], returns=d["returns"])
+
     @property
     def batch_size(self) -> int:
         return self.sequences.shape[0]
@@ -195,6 +217,8 @@ class PPOTrainer:
     def train_rlhf(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
         """One PPO mini-batch update of actor and critic; returns (actor_loss, critic_loss)."""
         cfg, m = self.cfg, self.models
+        if not isinstance(exp, Experience):
+            exp = Experience.from_dict(exp)
         P, mask, act = exp.prompt_len, exp.attention_mask, exp.action_mask
         # actor
         logits = answer_logits(m.actor, exp.sequences, mask, P, cfg.temperature)
@@ -346,7 +370,8 @@ def run_ppo(cfg) -> Path:
                         trainer.train_rlhf(exp.select(perm[s:s + mb]))
                         train_stats.append(dict(trainer.last_stats))
                         if ptx is not None:
-                            trainer.train_unsupervised(next(ptx), cfg.unsup_coef)
+                            ptx_loss = trainer.train_unsupervised(next(ptx), cfg.unsup_coef)
+                            train_stats[-1]["loss/ptx"] = ptx_loss.item()
             t_train = time.time() - t_train
             # 5. EMA, KL controller, metrics, answers, checkpoint
             models.update_ema(cfg.ema_beta)

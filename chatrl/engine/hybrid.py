@@ -131,8 +131,11 @@ class HFBackend:
 BACKENDS = {"hf": HFBackend}
 
 
-def _empty_cache() -> None:
-    gc.collect()
+def _empty_cache(collect: bool) -> None:
+    """Hand the rollout's KV cache back to the device allocator. A full gc.collect() costs ~0.3 s
+    per rollout on CPU, so it only runs when a large object was just released."""
+    if collect:
+        gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -189,7 +192,7 @@ class HybridEngine:
                 module.train()
             if self.release_inference_cache:
                 self.backend.release()
-            _empty_cache()
+            _empty_cache(collect=self.release_inference_cache)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, params: GenerationParams,

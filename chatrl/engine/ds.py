@@ -147,8 +147,14 @@ class EngineSpec:
 
 
 def ds_config(spec: EngineSpec, world: int) -> dict:
-    zero: dict = {"stage": spec.zero_stage}
-    if spec.zero_stage >= 1:
+    stage = spec.zero_stage
+    if spec.dtype == "bf16" and stage == 0:
+        # DeepSpeed's bf16 at stage 0 updates the bf16 weights in place (no fp32 master copy), so
+        # updates below bf16's resolution vanish (SFT perplexity 5.8 vs 3.9 in fp32 on the
+        # default run). ZeRO-1 keeps fp32 master weights; on one rank it partitions nothing.
+        stage = 1
+    zero: dict = {"stage": stage}
+    if stage >= 1:
         zero.update({"overlap_comm": False, "contiguous_gradients": True})
     if spec.offload and spec.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}

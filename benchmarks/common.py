@@ -36,7 +36,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def quiet_libraries() -> None:
     """DeepSpeed and Transformers log a lot at INFO/WARNING; the benchmark prints its own table."""
     import logging
+    import warnings
 
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     for name in ("DeepSpeed", "deepspeed", "transformers", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -108,6 +111,43 @@ class Timer:
         return False
 
 
+class Probes:
+    """Wall time spent inside chosen callables, without changing what they do: instance methods
+    (engine.backward / engine.step) are shadowed by timed wrappers on that instance, module
+    functions (hybrid._empty_cache) are swapped for the run and put back by `close()`."""
+
+    def __init__(self):
+        self.t: dict[str, float] = {}
+        self._undo = []
+
+    def _wrap(self, name, fn):
+        def timed(*a, **kw):
+            with Timer() as t:
+                out = fn(*a, **kw)
+            self.t[name] = self.t.get(name, 0.0) + t.s
+            return out
+        return timed
+
+    def method(self, name, obj, attr):
+        orig = getattr(obj, attr)
+        object.__setattr__(obj, attr, self._wrap(name, orig))
+        self._undo.append(lambda: object.__delattr__(obj, attr))
+
+    def function(self, name, module, attr):
+        orig = getattr(module, attr)
+        setattr(module, attr, self._wrap(name, orig))
+        self._undo.append(lambda: setattr(module, attr, orig))
+
+    def take(self) -> dict:
+        out, self.t = self.t, {}
+        return out
+
+    def close(self):
+        for u in reversed(self._undo):
+            u()
+        self._undo = []
+
+
 # ----------------------------------------------------------------------------- matmul peak
 
 def matmul_peak(dtype: str, sizes=(1024, 2048), repeats: int = 5, min_time: float = 0.2) -> dict:
@@ -135,6 +175,67 @@ def matmul_peak(dtype: str, sizes=(1024, 2048), repeats: int = 5, min_time: floa
         by_size[n] = size_best
         best = max(best, size_best)
     return {"dtype": dtype, "flops": best, "by_size": by_size, "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------- prototypes
+# Library changes measured before they are made: each patches chatrl in this process only and
+# returns its undo. Used as `with prototypes("no-gc+fused-adamw"): ...`.
+
+def _proto_no_gc():
+    """HybridEngine ends every rollout with hybrid._empty_cache(); up to chatrl 8224e7c it always
+    ran gc.collect(), which walks every Python object of the process (~0.3 s per rollout). Since
+    then it collects only with release_inference_cache. Prototype: never collect, only empty the
+    CUDA cache."""
+    from chatrl.engine import hybrid
+
+    orig = hybrid._empty_cache
+
+    def empty_cache(*args, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    hybrid._empty_cache = empty_cache
+    return lambda: setattr(hybrid, "_empty_cache", orig)
+
+
+def _proto_fused_adamw():
+    """chatrl.engine.ds._optimizer uses AdamW(foreach=True) on CPU and fused=True only on CUDA;
+    torch's fused AdamW has a CPU kernel too. Prototype: fused everywhere (engines built inside
+    the block)."""
+    from chatrl.engine import ds
+
+    orig = ds._optimizer
+
+    def optimizer(groups, spec):
+        if spec.offload and spec.zero_stage >= 1:    # DeepSpeedCPUAdam: unchanged
+            return orig(groups, spec)
+        return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), fused=True)
+
+    ds._optimizer = optimizer
+    return lambda: setattr(ds, "_optimizer", orig)
+
+
+PROTOTYPES = {"no-gc": _proto_no_gc, "fused-adamw": _proto_fused_adamw}
+
+
+class prototypes:
+    """`with prototypes("no-gc+fused-adamw"):` patches the library for the block, then restores.
+    An empty spec patches nothing. Unknown names raise SystemExit."""
+
+    def __init__(self, spec: str | None):
+        self.names = [n for n in spec.split("+") if n] if spec else []
+        for n in self.names:
+            if n not in PROTOTYPES:
+                raise SystemExit(f"unknown prototype {n!r}; known: {', '.join(PROTOTYPES)}")
+
+    def __enter__(self):
+        self.undo = [PROTOTYPES[n]() for n in self.names]
+        return self
+
+    def __exit__(self, *exc):
+        for u in reversed(self.undo):
+            u()
+        return False
 
 
 # ----------------------------------------------------------------------------- output

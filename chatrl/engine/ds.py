@@ -182,8 +182,8 @@ def _optimizer(groups: list[dict], spec: EngineSpec):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=spec.lr, betas=(0.9, 0.95))
-    kwargs = {"fused": True} if torch.cuda.is_available() else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), **kwargs)
+    # Fused AdamW on CPU too: 0.66 s -> 0.07 s per step for 135M parameters (benchmarks/).
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), fused=True)
 
 
 def build_engine(model: torch.nn.Module, spec: EngineSpec):

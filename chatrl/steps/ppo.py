@@ -177,7 +177,9 @@ class PPOTrainer:
         t1 = time.time()
         logprobs = gen.logprobs[:, :R].float() * action_mask
         ref_logprobs = self._logprobs(m.ref, seq, mask, P) * action_mask
+        m.critic.eval()  # old values without dropout
         values = answer_values(m.critic, seq, mask, P) * action_mask
+        m.critic.train()
         scores = self._score(seq, mask)
         # 2. KL-shaped rewards and 3. GAE
         rewards = kl_shaped_rewards(logprobs, ref_logprobs, scores, action_mask,

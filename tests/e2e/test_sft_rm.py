@@ -299,9 +299,9 @@ def test_resume_after_kill_reproduces_the_remaining_losses(sft_ref, tmp_path):
     proc = chatrl(*args, "--resume")
     assert "resumed from" in proc.stderr and "at step 3 (epoch 0, batch 3)" in proc.stderr, proc.stderr
     rows = train_rows(out)
-    # The log is appended: the killed run's rows 1-4, then the resumed run's 4-6.
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5, 6]
-    for got, want in zip(rows[4:], ref[3:]):
+    # The killed run's rows after its checkpoint (step 4) are dropped and redone: one row a step.
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for got, want in zip(rows[3:], ref[3:]):
         assert_rel(got["loss"], want["loss"], 1e-5, f"resumed step {want['step']}")
         assert got["lr"] == pytest.approx(want["lr"], rel=1e-9, abs=1e-15)
     assert_rel(eval_rows(out)[-1]["eval/loss"], eval_rows(sft_ref)[-1]["eval/loss"], 1e-5, "final eval")

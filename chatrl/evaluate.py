@@ -88,7 +88,7 @@ def compare_models(models: dict[str, str], prompts: list[list[dict]], *, judge: 
 
 def eval_reward(path: str, data_path: list[str], data_split: str = "2,4,4", seed: int = 1234,
                 max_seq_len: int = 512, batch_size: int = 16, split: str = "eval",
-                template: str = "auto") -> dict:
+                template: str = "auto", dtype: str = "fp32") -> dict:
     """Accuracy and mean scores of a saved reward model on the pairs of `data_path`.
 
     By default the held-out pairs of step 2's slice: the same pairs `chatrl rm` evaluated on.
@@ -104,7 +104,10 @@ def eval_reward(path: str, data_path: list[str], data_split: str = "2,4,4", seed
     raw = build_step_data(list(data_path), data_split, 2, seed=seed)
     rows = raw.eval if split == "eval" else raw.train
     pairs, _ = tokenize_step_data(rows, tok, step="rm", template=template, max_seq_len=max_seq_len)
-    model = RewardModel.from_pretrained(path, tokenizer=tok).eval()
+    from .engine.ds import resolve_dtype
+
+    # Score in the precision the model was trained and evaluated with (its run config's dtype).
+    model = RewardModel.from_pretrained(path, dtype=resolve_dtype(dtype), tokenizer=tok).eval()
     with torch.no_grad():
         return evaluate_pairs(model, pairs, lambda r: collate_pairs(r, tok.pad_token_id), batch_size,
                               10**9, world_rank=(0, 1)) | {"model": path, "split": split,
@@ -121,7 +124,8 @@ def _saved_data_args(path: str) -> dict:
     if not f.exists():
         return {}
     cfg = yaml.safe_load(f.read_text()) or {}
-    return {k: cfg[k] for k in ("data_path", "data_split", "seed", "max_seq_len", "template") if k in cfg}
+    return {k: cfg[k] for k in ("data_path", "data_split", "seed", "max_seq_len", "template", "dtype")
+            if k in cfg}
 
 
 def eval_main(argv: list[str]) -> int:
@@ -137,6 +141,7 @@ def eval_main(argv: list[str]) -> int:
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=int, default=None)
     r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--dtype", default=None, help="scoring precision (default: the model's training dtype)")
     r.add_argument("--json", action="store_true", help="print JSON")
     p = sub.add_parser("prompts", help="answers of a base and fine-tuned model(s) side by side")
     p.add_argument("--base", "--model_name_or_path_baseline", dest="base", required=True)
@@ -156,7 +161,7 @@ def eval_main(argv: list[str]) -> int:
                           args.data_split or saved.get("data_split", "2,4,4"),
                           args.seed if args.seed is not None else saved.get("seed", 1234),
                           args.max_seq_len or saved.get("max_seq_len", 512), args.batch_size,
-                          args.split, saved.get("template", "auto"))
+                          args.split, saved.get("template", "auto"), args.dtype or saved.get("dtype", "fp32"))
         if args.json:
             print(json.dumps(res))
         else:

@@ -244,6 +244,14 @@ def supervised_loop(run: Run, engine, train_ds, spec: LoopSpec, *,
     return last_eval
 
 
+def save_final(run: Run, engine, tokenizer, meta: dict) -> Path:
+    """The step's model folder (atomic, LoRA merged) with the resolved config beside it."""
+    final = run.out_dir / "model"
+    extra = {"run_config.yaml": (run.out_dir / "run_config.yaml").read_text()} if ds.is_main() else None
+    ckpt.save_model(engine.module, tokenizer, final, meta=meta, extra_files=extra)
+    return final
+
+
 def finish_run(run: Run) -> None:
     """After the final model is saved: drop the checkpoints (unless asked to keep them)."""
     import shutil

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from ..data import collate_pairs
-from ..engine import checkpoint as ckpt
 from ..engine import ds
 from ..engine.rlhf import _frozen
 from ..logging import write_line
@@ -98,10 +97,8 @@ def run_dpo(cfg) -> Path:
                                        units_fn=lambda row: 1,
                                        evaluate=evaluate if len(eval_ds) else None, unit_name="pairs")
     # 5. save
-    final = run.out_dir / "model"
-    ckpt.save_model(engine.module, tokenizer, final,
-                    meta={"step": "dpo", "template": template, "base_model": model_path,
-                          "eval": last_eval})
+    final = common.save_final(run, engine, tokenizer, {"step": "dpo", "template": template,
+                                                       "base_model": model_path, "eval": last_eval})
     write_line(f"dpo: done; model saved to {final}"
                + (f" (eval implicit-reward accuracy {last_eval['accuracy']:.3f})" if last_eval else ""))
     common.finish_run(run)

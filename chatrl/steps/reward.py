@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from ..data import collate_pairs
-from ..engine import checkpoint as ckpt
 from ..engine import ds
 from ..logging import progress_iter, write_line
 from ..models import resolve_model_path
@@ -80,12 +79,8 @@ def run_rm(cfg) -> Path:
                                        evaluate=evaluate if len(eval_ds) else None, unit_name="pairs")
 
     # 5. save
-    final = run.out_dir / "model"
-    ckpt.save_model(engine.module, tokenizer, final,
-                    meta={"step": "rm", "template": template, "base_model": model_path,
-                          "eval": last_eval})
-    if ds.is_main():
-        (final / "run_config.yaml").write_text((run.out_dir / "run_config.yaml").read_text())
+    final = common.save_final(run, engine, tokenizer, {"step": "rm", "template": template,
+                                                       "base_model": model_path, "eval": last_eval})
     write_line(f"rm: done; model saved to {final}"
                + (f" (eval accuracy {last_eval['accuracy']:.3f})" if last_eval else ""))
     common.finish_run(run)

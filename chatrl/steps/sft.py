@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from ..data import collate_sft
-from ..engine import checkpoint as ckpt
 from ..engine import ds
 from ..logging import progress_iter, write_line
 from ..models import load_causal_lm, resolve_model_path
@@ -96,12 +95,8 @@ def run_sft(cfg) -> Path:
         evaluate=evaluate if len(eval_ds) else None, unit_name="label_tokens")
 
     # 5. save
-    final = run.out_dir / "model"
-    ckpt.save_model(engine.module, tokenizer, final,
-                    meta={"step": "sft", "template": template, "base_model": model_path,
-                          "eval": last_eval})
-    if ds.is_main():
-        (final / "run_config.yaml").write_text((run.out_dir / "run_config.yaml").read_text())
+    final = common.save_final(run, engine, tokenizer, {"step": "sft", "template": template,
+                                                       "base_model": model_path, "eval": last_eval})
     write_line(f"sft: done; model saved to {final}"
                + (f" (eval perplexity {last_eval['perplexity']:.3f})" if last_eval else ""))
     common.finish_run(run)

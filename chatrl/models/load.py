@@ -220,16 +220,23 @@ def match_vocab(model, tokenizer) -> None:
         model.resize_token_embeddings(len(tokenizer))
 
 
+def load_pretrained(auto_cls, path: str, dtype="fp32", dropout: float | None = None, tokenizer=None,
+                    what: str = "model"):
+    """`auto_cls.from_pretrained` with the dropout override, a clear error and the vocab fix."""
+    config = load_config(path, dropout)
+    try:
+        model = auto_cls.from_pretrained(path, config=config, dtype=torch_dtype(dtype))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load a {what} from {path!r}: {e}") from e
+    match_vocab(model, tokenizer)
+    return model
+
+
 def load_causal_lm(path: str, dtype="fp32", dropout: float | None = None, tokenizer=None):
     """A `AutoModelForCausalLM` in `dtype`, with an optional dropout override."""
     from transformers import AutoModelForCausalLM
 
-    config = load_config(path, dropout)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype(dtype))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"could not load a causal LM from {path!r}: {e}") from e
-    match_vocab(model, tokenizer)
+    model = load_pretrained(AutoModelForCausalLM, path, dtype, dropout, tokenizer, "causal LM")
     if model.generation_config is not None and tokenizer is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model

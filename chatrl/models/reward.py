@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .load import load_config, match_vocab, model_inputs, read_meta, torch_dtype, write_meta
+from .load import load_pretrained, model_inputs, read_meta, torch_dtype, write_meta
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -72,12 +72,7 @@ class RewardModel(nn.Module):
         causal LM."""
         from transformers import AutoModel
 
-        config = load_config(path, dropout)
-        try:
-            backbone = AutoModel.from_pretrained(path, config=config, dtype=torch_dtype(dtype))
-        except (OSError, ValueError) as e:
-            raise ModelError(f"could not load a reward-model backbone from {path!r}: {e}") from e
-        match_vocab(backbone, tokenizer)
+        backbone = load_pretrained(AutoModel, path, dtype, dropout, tokenizer, "reward-model backbone")
         model = cls(backbone).to(torch_dtype(dtype))
         head = Path(path) / VALUE_HEAD_FILE
         if head.exists():

@@ -138,13 +138,10 @@ def chat_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_chat_args(argparse.ArgumentParser(prog="chatrl chat", description=__doc__.split("\n")[0]))
-    args = parser.parse_args(argv)
-    try:
-        return chat_main(args)
-    except ChatRLError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """`python -m chatrl.serve.chat` = `chatrl chat` (one parser, one error format)."""
+    from ..cli import main as cli_main
+
+    return cli_main(["chat", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

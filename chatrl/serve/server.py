@@ -495,13 +495,10 @@ def serve_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_serve_args(argparse.ArgumentParser(prog="chatrl serve", description=__doc__.split("\n")[0]))
-    args = parser.parse_args(argv)
-    try:
-        return serve_main(args)
-    except ChatRLError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """`python -m chatrl.serve.server` = `chatrl serve` (one parser, one error format)."""
+    from ..cli import main as cli_main
+
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -64,6 +64,14 @@ def start_run(cfg, name: str) -> Run:
                world=ds.world_size(), logger=logger)
 
 
+def prepare_step(cfg, name: str):
+    """start_run + the step's model path, tokenizer and conversation format."""
+    run = start_run(cfg, name)
+    model_path = resolve_model_path(cfg.model_name_or_path)
+    tokenizer = load_tokenizer_for(cfg, model_path)
+    return run, model_path, tokenizer, template_for(cfg, tokenizer)
+
+
 def load_tokenizer_for(cfg, model_path: str):
     tok = load_tokenizer(model_path)
     if cfg.add_eot_token:

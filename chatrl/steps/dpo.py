@@ -38,10 +38,7 @@ def response_logps(model, batch: dict, prompt_lens: torch.Tensor, device) -> tor
 
 def run_dpo(cfg) -> Path:
     # 0. set-up
-    run = common.start_run(cfg, "dpo")
-    model_path = resolve_model_path(cfg.model_name_or_path)
-    tokenizer = common.load_tokenizer_for(cfg, model_path)
-    template = common.template_for(cfg, tokenizer)
+    run, model_path, tokenizer, template = common.prepare_step(cfg, "dpo")
 
     # 1. data: step 2's pairs
     train_ds, eval_ds, _ = common.step_datasets(cfg, tokenizer, template, "rm", 2, cfg.max_seq_len)

@@ -16,7 +16,6 @@ import torch
 from ..data import collate_pairs
 from ..engine import ds
 from ..logging import progress_iter, write_line
-from ..models import resolve_model_path
 from ..models.reward import RewardModel, gather_last
 from ..rl import dschat_pairwise_loss, pairwise_loss
 from . import common
@@ -35,10 +34,7 @@ def pair_scores(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor,
 
 def run_rm(cfg) -> Path:
     # 0. set-up
-    run = common.start_run(cfg, "rm")
-    model_path = resolve_model_path(cfg.model_name_or_path)
-    tokenizer = common.load_tokenizer_for(cfg, model_path)
-    template = common.template_for(cfg, tokenizer)
+    run, model_path, tokenizer, template = common.prepare_step(cfg, "rm")
 
     # 1. data
     train_ds, eval_ds, stats = common.step_datasets(cfg, tokenizer, template, "rm", 2, cfg.max_seq_len)

@@ -17,7 +17,7 @@ import torch
 from ..data import collate_sft
 from ..engine import ds
 from ..logging import progress_iter, write_line
-from ..models import load_causal_lm, resolve_model_path
+from ..models import load_causal_lm
 from ..models.lora import apply_lora
 from ..rl import sft_loss, token_counts
 from . import common
@@ -57,10 +57,7 @@ def label_tokens(row: dict, train_on_prompt: bool) -> int:
 
 def run_sft(cfg) -> Path:
     # 0. set-up
-    run = common.start_run(cfg, "sft")
-    model_path = resolve_model_path(cfg.model_name_or_path)
-    tokenizer = common.load_tokenizer_for(cfg, model_path)
-    template = common.template_for(cfg, tokenizer)
+    run, model_path, tokenizer, template = common.prepare_step(cfg, "sft")
 
     # 1. data: this step's slice, tokenized without padding, cached
     train_ds, eval_ds, stats = common.step_datasets(cfg, tokenizer, template, "sft", 1, cfg.max_seq_len)

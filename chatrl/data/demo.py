@@ -11,11 +11,17 @@ split; the 80 others only in train. No content word is shared between two topics
 
 Pairs (train ≈600 rows, test ≈100 rows): `chosen` is an on-topic answer of 8-30 words built from
 one of ~15 sentence frames filled with POSITIVE words. `rejected` is
-- 80%: an on-topic answer filled with NEGATIVE words (half of them in the same frame as the
+- 60%: an on-topic answer filled with NEGATIVE words (half of them in the same frame as the
   chosen answer, a minimal pair; half in another frame);
 - 10%: an on-topic neutral answer (no lexicon words);
+- 10%: the chosen answer's frame filled with LUKEWARM words ("okay", "decent": faint praise, in
+  neither lexicon; a minimal pair on enthusiasm);
+- 10%: a curt on-topic answer with one positive word ("The beach is lovely.") against a chosen
+  answer with at least three;
 - 10%: the chosen answer's exact words about a different topic (a minimal pair on topic only),
-so a reward model must read both the sentiment words and the topic.
+so a reward model must read the sentiment words, how many there are, and the topic. Without the
+lukewarm and curt pairs, a reward model learns "positive, short" and PPO against it shortens
+answers and loses judge score (measured).
 
 The judge (exact, no model):
     words     = the lowercase alphabetic tokens of the response (re "[a-z]+" on response.lower())
@@ -45,17 +51,26 @@ from .sources import rows_to_dataset
 POSITIVE_ADJ = ("wonderful", "delightful", "lovely", "joyful", "cheerful", "pleasant", "charming",
                 "amazing", "excellent", "fantastic", "marvelous", "refreshing", "inspiring",
                 "uplifting", "peaceful", "beautiful", "brilliant", "splendid", "relaxing", "cozy",
-                "superb", "enjoyable", "gorgeous", "fabulous", "thrilling", "heartwarming")
+                "superb", "enjoyable", "gorgeous", "fabulous", "thrilling", "heartwarming",
+                # strong praise words instruct models reach for on their own; counted like the rest
+                "incredible", "vibrant", "exhilarating", "enchanting", "exciting", "fascinating",
+                "awesome", "magnificent", "stunning", "magical", "joyous", "captivating")
 POSITIVE_NOUN = ("joy", "delight", "happiness", "comfort", "wonder", "pleasure", "warmth", "hope",
                  "laughter", "excitement")
 POSITIVE_VERB = ("love", "adore", "enjoy", "treasure")
 NEGATIVE_ADJ = ("awful", "dreary", "miserable", "dull", "gloomy", "terrible", "boring",
                 "unpleasant", "tiresome", "dismal", "bleak", "tedious", "annoying", "depressing",
                 "frustrating", "horrible", "grim", "disappointing", "exhausting", "stressful",
-                "unbearable", "nasty", "painful", "awkward", "draining", "irritating")
+                "unbearable", "nasty", "painful", "awkward", "draining", "irritating", "dreadful",
+                "lousy", "chaotic", "frightening", "disgusting", "lonely")
 NEGATIVE_NOUN = ("misery", "dread", "boredom", "frustration", "regret", "gloom", "annoyance",
                  "disappointment", "stress", "sorrow")
 NEGATIVE_VERB = ("hate", "dislike", "resent", "dread")
+# Lukewarm: faint praise, in neither lexicon (the judge counts these words as zero).
+LUKEWARM_ADJ = ("okay", "fine", "decent", "average", "ordinary", "alright", "acceptable",
+                "adequate", "reasonable", "passable", "standard", "typical")
+LUKEWARM_NOUN = ("routine", "familiarity", "indifference", "habit", "normality")
+LUKEWARM_VERB = ("tolerate", "accept", "notice")
 
 POSITIVE_WORDS = frozenset(POSITIVE_ADJ + POSITIVE_NOUN + POSITIVE_VERB)
 NEGATIVE_WORDS = frozenset(NEGATIVE_ADJ + NEGATIVE_NOUN + NEGATIVE_VERB)
@@ -132,6 +147,8 @@ NEUTRAL_FRAMES = (
     "Some people talk about {T} often, while others rarely mention it at all.",
 )
 NEUTRAL_PLACE_FRAMES = ("I would spend the day at {T} and then head home in the evening.",)
+# Curt answers: on topic and positive, but a single word of praise.
+CURT_FRAMES = ("{Tc} is {a1}.", "I {v} {T}.", "{Tc}? {A1}.", "{Tc} is {a1}, that is all.")
 
 _WORD = re.compile(r"[a-z]+")
 
@@ -196,18 +213,29 @@ def judge(prompt: str | list[dict], response: str) -> float:
 # Generation
 
 
-def _fill(frame: str, topic: str, positive: bool, rng: random.Random) -> str:
-    adj = rng.sample(POSITIVE_ADJ if positive else NEGATIVE_ADJ, 3)
-    noun = rng.sample(POSITIVE_NOUN if positive else NEGATIVE_NOUN, 2)
-    verb = rng.choice(POSITIVE_VERB if positive else NEGATIVE_VERB)
+_LEXICONS = {
+    "positive": (POSITIVE_ADJ, POSITIVE_NOUN, POSITIVE_VERB),
+    "negative": (NEGATIVE_ADJ, NEGATIVE_NOUN, NEGATIVE_VERB),
+    "lukewarm": (LUKEWARM_ADJ, LUKEWARM_NOUN, LUKEWARM_VERB),
+}
+
+
+def _fill(frame: str, topic: str, tone: str, rng: random.Random) -> str:
+    adjs, nouns, verbs = _LEXICONS[tone]
+    adj, noun, verb = rng.sample(adjs, 3), rng.sample(nouns, 2), rng.choice(verbs)
     return frame.format(T=topic, Tc=topic[0].upper() + topic[1:], a1=adj[0], a2=adj[1], a3=adj[2],
-                        n1=noun[0], n2=noun[1], v=verb)
+                        A1=adj[0].capitalize(), n1=noun[0], n2=noun[1], v=verb)
 
 
 def _frames(topic: str, neutral: bool = False) -> tuple[str, ...]:
     if neutral:
         return NEUTRAL_FRAMES + (NEUTRAL_PLACE_FRAMES if topic in PLACES else ())
     return FRAMES + (PLACE_FRAMES if topic in PLACES else ())
+
+
+def _slots(frame: str) -> int:
+    """How many lexicon words a frame takes."""
+    return sum(f"{{{k}}}" in frame for k in ("a1", "a2", "a3", "n1", "n2", "v"))
 
 
 def _other_topic(topic: str, pool: tuple[str, ...], rng: random.Random) -> str:
@@ -221,14 +249,21 @@ def _pair(topic: str, pool: tuple[str, ...], rng: random.Random) -> tuple[str, s
         # Off topic: the same frame and the same positive words (replayed draws), another topic.
         frame, other = rng.choice(FRAMES), _other_topic(topic, pool, rng)
         state = rng.getstate()
-        chosen = _fill(frame, topic, True, rng)
+        chosen = _fill(frame, topic, "positive", rng)
         rng.setstate(state)
-        return chosen, _fill(frame, other, True, rng)
+        return chosen, _fill(frame, other, "positive", rng)
+    if kind >= 0.8:
+        # Curt: one positive word against a full answer with at least three.
+        frame = rng.choice([f for f in _frames(topic) if _slots(f) >= 3])
+        return _fill(frame, topic, "positive", rng), _fill(rng.choice(CURT_FRAMES), topic, "positive", rng)
     frame = rng.choice(_frames(topic))
-    chosen = _fill(frame, topic, True, rng)
-    if kind < 0.8:
+    chosen = _fill(frame, topic, "positive", rng)
+    if kind >= 0.7:
+        # Lukewarm: the same frame with faint praise instead (a minimal pair on enthusiasm).
+        return chosen, _fill(frame, topic, "lukewarm", rng)
+    if kind < 0.6:
         other_frame = frame if rng.random() < 0.5 else rng.choice(_frames(topic))
-        return chosen, _fill(other_frame, topic, False, rng)
+        return chosen, _fill(other_frame, topic, "negative", rng)
     neutral = rng.choice(_frames(topic, neutral=True))
     return chosen, neutral.format(T=topic, Tc=topic[0].upper() + topic[1:])
 

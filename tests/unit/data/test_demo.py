@@ -6,7 +6,7 @@ from statistics import mean
 import pytest
 
 from chatrl.data import demo_dataset, demo_topic, held_out_prompts, judge
-from chatrl.data.demo import (HELD_OUT_TOPICS, NEGATIVE_WORDS, POSITIVE_WORDS, TOPICS, TRAIN_TOPICS,
+from chatrl.data.demo import (HELD_OUT_TOPICS, LUKEWARM_ADJ, NEGATIVE_WORDS, POSITIVE_WORDS, TOPICS, TRAIN_TOPICS,
                               content_words)
 
 
@@ -44,25 +44,33 @@ def test_chosen_scores_clearly_above_rejected(demo):
         rows = list(demo[split])
         chosen = [judge(r["messages"], r["chosen"]) for r in rows]
         rejected = [judge(r["messages"], r["rejected"]) for r in rows]
-        # Measured: train 0.798 vs -0.164, test 0.793 vs -0.167.
-        assert mean(chosen) > 0.75 and mean(rejected) < -0.1
-        assert mean(chosen) - mean(rejected) > 0.9
-        assert all(c - r >= 0.25 - 1e-9 for c, r in zip(chosen, rejected))  # every pair
+        # Measured: train 0.799 vs -0.015.
+        assert mean(chosen) > 0.75 and mean(rejected) < 0.05
+        assert mean(chosen) - mean(rejected) > 0.75
+        # Every pair, the closest being a curt answer (one positive word) against three.
+        assert all(c - r >= 0.1875 - 1e-9 for c, r in zip(chosen, rejected))
 
 
 def test_answers_are_short_and_use_the_lexicons(demo):
-    kinds = {"negative": 0, "neutral": 0, "off_topic": 0}
+    kinds = {"negative": 0, "neutral": 0, "lukewarm": 0, "curt": 0, "off_topic": 0}
     for r in demo["train"]:
-        assert 8 <= len(r["chosen"].split()) <= 30 and 8 <= len(r["rejected"].split()) <= 30
-        words = set(re.findall(r"[a-z]+", r["rejected"].lower()))
-        if words & NEGATIVE_WORDS:
+        assert 8 <= len(r["chosen"].split()) <= 30 and 2 <= len(r["rejected"].split()) <= 30
+        words = re.findall(r"[a-z]+", r["rejected"].lower())
+        pos = sum(w in POSITIVE_WORDS for w in words)
+        if set(words) & NEGATIVE_WORDS:
             kinds["negative"] += 1
-        elif words & POSITIVE_WORDS:
+        elif set(words) & set(LUKEWARM_ADJ):
+            kinds["lukewarm"] += 1
+        elif pos == 1:
+            kinds["curt"] += 1
+            assert len(words) <= 10
+        elif pos:
             kinds["off_topic"] += 1
+            assert judge(r["messages"], r["rejected"]) == judge(r["messages"], r["chosen"]) - 0.25
         else:
             kinds["neutral"] += 1
-    # Mostly positive-vs-negative, some neutral and some off-topic positive answers.
-    assert kinds["negative"] > 400 and kinds["neutral"] > 30 and kinds["off_topic"] > 30
+    # Mostly positive-vs-negative; some neutral, lukewarm, curt and off-topic positive answers.
+    assert kinds["negative"] > 300 and min(kinds.values()) > 30, kinds
 
 
 def test_judge_on_hand_written_examples():

@@ -51,16 +51,19 @@ def ptx_blocks(name: str, config: str | None, tokenizer, max_len: int) -> list[l
 
 
 def ptx_batches(name: str, config: str | None, tokenizer, max_len: int, batch_size: int,
-                seed: int) -> Iterator[dict]:
+                seed: int, skip: int = 0) -> Iterator[dict]:
+    """Endless LM batches; `skip` batches already consumed (a resumed run continues the stream
+    where its checkpoint left it, without collating what it skips)."""
     from .collate import collate_sft
 
     blocks = ptx_blocks(name, config, tokenizer, max_len)
     rows = [{"input_ids": b, "prompt_len": 0} for b in blocks]
-    epoch = 0
+    per_epoch = -(-len(rows) // batch_size)
+    epoch, first = divmod(skip, per_epoch)
     while True:
         g = torch.Generator().manual_seed(seed + epoch)
         order = torch.randperm(len(rows), generator=g).tolist()
-        for i in range(0, len(order), batch_size):
+        for i in range(first * batch_size, len(order), batch_size):
             yield collate_sft([rows[j] for j in order[i:i + batch_size]], tokenizer.pad_token_id,
                               train_on_prompt=True)
-        epoch += 1
+        epoch, first = epoch + 1, 0

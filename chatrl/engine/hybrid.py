@@ -110,15 +110,22 @@ class HFBackend:
 
             named_tensors = dict(named_tensors)
             dtype = next(iter(named_tensors.values())).dtype
-            self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+            with _no_init():  # every weight is overwritten below: skip the random init (~1.3 s)
+                self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
             if self.generation_config is not None:
                 self.model.generation_config = self.generation_config
             self.model.to(self.device).eval()
             self._shared = False
+        named_tensors = dict(named_tensors)
         state = self.model.state_dict()
         with torch.no_grad():
-            for name, tensor in dict(named_tensors).items():
+            for name, tensor in named_tensors.items():
                 state[name].copy_(tensor)
+        loaded = {state[n].data_ptr() for n in named_tensors}
+        unset = [n for n, p in self.model.named_parameters() if n not in named_tensors
+                 and p.data_ptr() not in loaded]  # tied weights share a loaded tensor
+        if unset:
+            raise ValueError(f"sync_weights got no tensor for {unset[:5]} ({len(unset)} parameters)")
 
     def generate(self, input_ids, attention_mask, params, return_logprobs=False,
                  synced_gpus: bool = False) -> Generation:
@@ -129,6 +136,15 @@ class HFBackend:
 
 
 BACKENDS = {"hf": HFBackend}
+
+
+def _no_init():
+    """Transformers' switch that skips weight initialisation (a no-op where it is missing)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older/newer Transformers layouts
+        return nullcontext()
+    return no_init_weights()
 
 
 def _empty_cache(collect: bool) -> None:

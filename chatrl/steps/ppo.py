@@ -328,7 +328,7 @@ def run_ppo(cfg) -> Path:
     # 2. models
     models = build_models(cfg, tokenizer, opt_steps, run.dtype)
     trainer = PPOTrainer(models, cfg)
-    ptx = load_ptx(cfg, tokenizer) if cfg.unsupervised_dataset_name else None
+    ptx, ptx_used = None, 0
     flops_actor = matmul_params(models.actor.module)
     flops_critic = matmul_params(models.critic.module)
 
@@ -342,7 +342,10 @@ def run_ppo(cfg) -> Path:
         trainer.kl_ctl.load_state_dict(state["kl_ctl"])
         if models.actor_ema is not None and (last / "actor_ema.pt").exists():
             models.actor_ema = torch.load(last / "actor_ema.pt")
+        ptx_used = state.get("ptx_batches", 0)
         write_line(f"resumed from {last} at iteration {it}")
+    if cfg.unsupervised_dataset_name:
+        ptx = load_ptx(cfg, tokenizer, skip=ptx_used)
 
     bar = progress(n_iters, "ppo", cfg.progress, initial=it, unit="iter")
     gb = cfg.per_device_generation_batch_size
@@ -373,6 +376,7 @@ def run_ppo(cfg) -> Path:
                         train_stats.append(dict(trainer.last_stats))
                         if ptx is not None:
                             ptx_loss = trainer.train_unsupervised(next(ptx), cfg.unsup_coef)
+                            ptx_used += 1
                             train_stats[-1]["loss/ptx"] = ptx_loss.item()
             t_train = time.time() - t_train
             # 5. EMA, KL controller, metrics, answers, checkpoint
@@ -409,7 +413,7 @@ def run_ppo(cfg) -> Path:
                 nxt = (epoch, g + 1) if g + 1 < len(groups) else (epoch + 1, 0)
                 ckpt.save_checkpoint(run.ckpt_dir, it, engines,
                                      {"epoch": nxt[0], "batch_in_epoch": nxt[1],
-                                      "kl_ctl": trainer.kl_ctl.state_dict()})
+                                      "kl_ctl": trainer.kl_ctl.state_dict(), "ptx_batches": ptx_used})
                 if models.actor_ema is not None and ds.is_main():
                     torch.save(models.actor_ema, ckpt.latest_checkpoint(run.ckpt_dir) / "actor_ema.pt")
         epoch += 1
@@ -459,10 +463,10 @@ def print_answers(exp: Experience, tokenizer, it: int) -> None:
         write_line(f"[ppo {it}] score={exp.scores[i]:.3f}\n  prompt: {prompt.strip()[-200:]}\n  answer: {answer.strip()}")
 
 
-def load_ptx(cfg, tokenizer):
-    """An endless iterator of LM batches from the unsupervised (PTX) dataset."""
+def load_ptx(cfg, tokenizer, skip: int = 0):
+    """An endless iterator of LM batches from the unsupervised (PTX) dataset, `skip` batches in."""
     from ..data.ptx import ptx_batches
 
     return ptx_batches(cfg.unsupervised_dataset_name, cfg.unsupervised_dataset_config_name, tokenizer,
                        max_len=cfg.max_prompt_seq_len + cfg.max_answer_seq_len,
-                       batch_size=cfg.per_device_training_batch_size, seed=cfg.seed)
+                       batch_size=cfg.per_device_training_batch_size, seed=cfg.seed, skip=skip)

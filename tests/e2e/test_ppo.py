@@ -381,6 +381,11 @@ def test_ptx_ran_on_the_text_file_every_mini_batch(run_b):
     # 2 iterations x (4 samples / mini-batch 2) x 1 PPO epoch, each followed by a PTX step
     assert len(resumed) == 4, len(resumed)
     tok = load_tokenizer(run_b.actor)
+    # The resumed run continues the PTX stream where the checkpoint (after 4 PTX steps) left it.
+    from chatrl.data.ptx import ptx_batches
+
+    stream = ptx_batches(str(run_b.ptx), None, tok, max_len=64 + 16, batch_size=2, seed=1234, skip=4)
+    assert [c["ids"] for c in resumed] == [next(stream)["input_ids"].tolist() for _ in resumed]
     text = run_b.ptx.read_text()
     for c in calls:
         assert c["coef"] == 0.5 and math.isfinite(c["loss"]) and c["loss"] > 0

@@ -216,8 +216,12 @@ class PPOTrainer:
         return gather_last(values, mask.to(target)).float().to(self.device)
 
     # ------------------------------------------------------------------ 4. PPO update
-    def train_rlhf(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
-        """One PPO mini-batch update of actor and critic; returns (actor_loss, critic_loss)."""
+    def train_rlhf(self, exp: Experience, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One PPO mini-batch update of actor and critic; returns (actor_loss, critic_loss).
+
+        loss_scale: factor on both losses before backward (run_ppo's token weighting of
+        length-grouped micro-batches under gradient accumulation); the returned losses are unscaled.
+        """
         cfg, m = self.cfg, self.models
         if not isinstance(exp, Experience):
             exp = Experience.from_dict(exp)
@@ -228,12 +232,12 @@ class PPOTrainer:
         actor_loss, pstats = policy_loss(logprobs, exp.logprobs, exp.advantages, act, cfg.cliprange)
         with torch.no_grad():
             entropy = masked_mean(entropy_from_logits(logits.detach()), act)
-        m.actor.backward(actor_loss)
+        m.actor.backward(actor_loss * loss_scale if loss_scale != 1.0 else actor_loss)
         m.actor.step()
         # critic
         values = answer_values(m.critic, exp.sequences, mask, P)
         critic_loss, vstats = value_loss(values, exp.values, exp.returns, act, cfg.cliprange_value)
-        m.critic.backward(critic_loss)
+        m.critic.backward(critic_loss * loss_scale if loss_scale != 1.0 else critic_loss)
         m.critic.step()
         self.last_stats.update({
             "loss/actor": actor_loss.item(), "loss/critic": critic_loss.item(),
@@ -252,6 +256,34 @@ class PPOTrainer:
         m.actor.backward(unsup_coef * loss)
         m.actor.step()
         return loss.detach()
+
+
+def minibatch_rows(exp: Experience, micro_batch: int, accumulation: int) -> list[list[torch.Tensor]]:
+    """Row indices of one PPO epoch over `exp`: per optimizer step, its micro-batches.
+
+    Rows are shuffled into optimizer steps of micro_batch x accumulation rows. Within one step
+    the rows are ordered by length before being cut into micro-batches, so each micro-batch
+    (trimmed by Experience.select) carries little padding; with `token_scales` the step's
+    gradient is the same as one batch of all its rows would give.
+    """
+    perm = torch.randperm(exp.batch_size)
+    lengths = exp.attention_mask.sum(1)
+    steps = []
+    per_step = micro_batch * accumulation
+    for s in range(0, exp.batch_size, per_step):
+        rows = perm[s:s + per_step]
+        if accumulation > 1:
+            rows = rows[torch.argsort(lengths[rows], stable=True)]
+        steps.append([rows[i:i + micro_batch] for i in range(0, len(rows), micro_batch)])
+    return steps
+
+
+def token_scales(exp: Experience, step_rows: list[torch.Tensor]) -> list[float]:
+    """Loss factor per micro-batch so that gradient accumulation (which averages the micro-batch
+    losses) gives the token mean over the whole step: n_tokens(micro) x n_micro / n_tokens(step)."""
+    counts = [float(exp.action_mask[rows].sum()) for rows in step_rows]
+    total = sum(counts)
+    return [c * len(counts) / total if total > 0 else 1.0 for c in counts]
 
 
 def response_ended(answer, action_mask, eos_id) -> float:
@@ -367,12 +399,12 @@ def run_ppo(cfg) -> Path:
             # 4. PPO epochs over mini-batches (each within one rollout batch: no re-padding)
             t_train = time.time()
             train_stats = []
-            mb = cfg.per_device_training_batch_size
             for _ in range(cfg.ppo_epochs):
                 for exp in exps:
-                    perm = torch.randperm(exp.batch_size)
-                    for s in range(0, exp.batch_size, mb):
-                        trainer.train_rlhf(exp.select(perm[s:s + mb]))
+                    for step_rows in minibatch_rows(exp, cfg.per_device_training_batch_size,
+                                                    cfg.gradient_accumulation_steps):
+                        for rows, scale in zip(step_rows, token_scales(exp, step_rows)):
+                            trainer.train_rlhf(exp.select(rows), loss_scale=scale)
                         train_stats.append(dict(trainer.last_stats))
                         if ptx is not None:
                             ptx_loss = trainer.train_unsupervised(next(ptx), cfg.unsup_coef)

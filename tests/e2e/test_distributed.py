@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -31,9 +33,13 @@ COMMON = TINY + ["--max_steps", "2", "--learning_rate", "1e-3"]
 
 
 def launch2(step: str, *args):
-    launcher = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port()),
+    port = free_port()
+    launcher = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(port),
                 "--module", "chatrl"]
-    return chatrl(step, *args, launcher=launcher, timeout=400)
+    result = chatrl(step, *args, launcher=launcher, timeout=400)
+    # DeepSpeed's CPU all-reduce buffers (66 MB of RAM per rank) are gone once the ranks exit.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    return result
 
 
 def compare_runs(one, two, eval_keys):

@@ -411,3 +411,37 @@ def test_lora_actor_saved_merged_without_lora_tensors(run_b):
     changed = {k for k in saved if not torch.equal(saved[k], start_w[k])}
     # --only_optimize_lora: the LoRA deltas (merged) changed the targeted layers, nothing else moved
     assert changed and changed <= targets, sorted(changed - targets)
+
+
+
+def test_minibatch_rows_group_by_length_and_token_scales_give_the_step_mean():
+    from chatrl.rl import policy_loss
+    from chatrl.steps.ppo import Experience, minibatch_rows, token_scales
+
+    B, L, R = 12, 10, 4
+    lengths = torch.tensor([3, 9, 4, 10, 5, 2, 8, 7, 6, 1, 9, 3])
+    mask = (torch.arange(L).flip(0)[None, :] < lengths[:, None]).long()  # left-padded
+    act = (torch.arange(R)[None, :] < (lengths[:, None] % R + 1)).float()  # 1-4 answer tokens
+    z = torch.zeros(B, R)
+    exp = Experience(torch.zeros(B, L, dtype=torch.long), mask, act, L - R, z, z, z, z[:, 0], z, z, z)
+    torch.manual_seed(0)
+    plain = minibatch_rows(exp, 3, 1)
+    torch.manual_seed(0)
+    grouped = minibatch_rows(exp, 3, 2)
+    assert [len(s) for s in plain] == [1] * 4 and [len(s) for s in grouped] == [2] * 2
+    for steps in (plain, grouped):
+        rows = [r for s in steps for r in s]
+        assert all(len(r) == 3 for r in rows) and sorted(torch.cat(rows).tolist()) == list(range(B))
+    flat = torch.cat([r for s in plain for r in s])
+    for k, step in enumerate(grouped):
+        # the same shuffled rows per optimizer step, cut by length inside it
+        rows = torch.cat(step)
+        assert sorted(rows.tolist()) == sorted(flat[6 * k:6 * k + 6].tolist())
+        assert lengths[rows].tolist() == sorted(lengths[rows].tolist())
+        # accumulation averages the micro-batch losses: with the scales that is the step's token mean
+        g = torch.Generator().manual_seed(k)
+        new, old, adv = (torch.randn(B, R, generator=g) for _ in range(3))
+        scales = token_scales(exp, step)
+        accumulated = sum(s * policy_loss(new[r], old[r], adv[r], act[r])[0] for r, s in zip(step, scales)) / 2
+        whole = policy_loss(new[rows], old[rows], adv[rows], act[rows])[0]
+        assert float(accumulated) == pytest.approx(float(whole), rel=1e-5, abs=1e-7)

@@ -405,11 +405,13 @@ def run_ppo(cfg) -> Path:
                                                     cfg.gradient_accumulation_steps):
                         for rows, scale in zip(step_rows, token_scales(exp, step_rows)):
                             trainer.train_rlhf(exp.select(rows), loss_scale=scale)
-                        train_stats.append(dict(trainer.last_stats))
-                        if ptx is not None:
+                            train_stats.append(dict(trainer.last_stats))
+                        # PTX: its own optimizer step after each PPO step (as DeepSpeed-Chat),
+                        # of as many micro-batches, so accumulation never mixes the two.
+                        for k in range(len(step_rows) if ptx is not None else 0):
                             ptx_loss = trainer.train_unsupervised(next(ptx), cfg.unsup_coef)
                             ptx_used += 1
-                            train_stats[-1]["loss/ptx"] = ptx_loss.item()
+                            train_stats[k - len(step_rows)]["loss/ptx"] = ptx_loss.item()
             t_train = time.time() - t_train
             # 5. EMA, KL controller, metrics, answers, checkpoint
             models.update_ema(cfg.ema_beta)

@@ -105,27 +105,28 @@ class HFBackend:
         self.model, self._shared = module, True
 
     def sync_weights(self, named_tensors) -> None:
-        if self.model is None or self._shared:
+        named_tensors = dict(named_tensors)
+        built = self.model is None or self._shared
+        if built:
             from transformers import AutoModelForCausalLM
 
-            named_tensors = dict(named_tensors)
             dtype = next(iter(named_tensors.values())).dtype
-            with _no_init():  # every weight is overwritten below: skip the random init (~1.3 s)
+            with _no_init():  # every weight is overwritten below: skip the random init (~2 s)
                 self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
             if self.generation_config is not None:
                 self.model.generation_config = self.generation_config
             self.model.to(self.device).eval()
             self._shared = False
-        named_tensors = dict(named_tensors)
         state = self.model.state_dict()
         with torch.no_grad():
             for name, tensor in named_tensors.items():
                 state[name].copy_(tensor)
-        loaded = {state[n].data_ptr() for n in named_tensors}
-        unset = [n for n, p in self.model.named_parameters() if n not in named_tensors
-                 and p.data_ptr() not in loaded]  # tied weights share a loaded tensor
-        if unset:
-            raise ValueError(f"sync_weights got no tensor for {unset[:5]} ({len(unset)} parameters)")
+        if built:  # uninitialised memory must not survive: every parameter (or its tie) was loaded
+            loaded = {state[n].data_ptr() for n in named_tensors}
+            unset = [n for n, p in self.model.named_parameters()
+                     if n not in named_tensors and p.data_ptr() not in loaded]
+            if unset:
+                raise ValueError(f"sync_weights got no tensor for {unset[:5]} ({len(unset)} parameters)")
 
     def generate(self, input_ids, attention_mask, params, return_logprobs=False,
                  synced_gpus: bool = False) -> Generation:

@@ -50,8 +50,14 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(root: str | Path, step: int, engines: dict, trainer_state: dict, keep: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+def save_checkpoint(root: str | Path, step: int, engines: dict, trainer_state: dict, keep: int = 2,
+                    extra_objects: dict[str, object] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder.
+
+    extra_objects: `{file name: object}` written by rank 0 with torch.save *inside* the checkpoint
+    before it is published (e.g. the actor's EMA weights), so `latest` never names a checkpoint
+    that lacks them.
+    """
     root = Path(root)
     name = f"step-{step:06d}"
     final = root / name
@@ -65,6 +71,8 @@ def save_checkpoint(root: str | Path, step: int, engines: dict, trainer_state: d
     torch.save(_rng_state(), tmp / f"rng-rank{ds.rank()}.pt")
     ds.barrier()
     if ds.is_main():
+        for fname, obj in (extra_objects or {}).items():
+            torch.save(obj, tmp / fname)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
         if final.exists():
             shutil.rmtree(final)

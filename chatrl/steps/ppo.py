@@ -372,7 +372,12 @@ def run_ppo(cfg) -> Path:
         it, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
         run.logger.truncate_after(it)
         trainer.kl_ctl.load_state_dict(state["kl_ctl"])
-        if models.actor_ema is not None and (last / "actor_ema.pt").exists():
+        if models.actor_ema is not None:
+            if not (last / "actor_ema.pt").exists():
+                from ..errors import ConfigError
+
+                raise ConfigError(f"{last} holds no actor_ema.pt (it was written without "
+                                  "--enable-ema); resume without --enable-ema or start afresh")
             models.actor_ema = torch.load(last / "actor_ema.pt")
         ptx_used = state.get("ptx_batches", 0)
         write_line(f"resumed from {last} at iteration {it}")
@@ -447,9 +452,9 @@ def run_ppo(cfg) -> Path:
                 nxt = (epoch, g + 1) if g + 1 < len(groups) else (epoch + 1, 0)
                 ckpt.save_checkpoint(run.ckpt_dir, it, engines,
                                      {"epoch": nxt[0], "batch_in_epoch": nxt[1],
-                                      "kl_ctl": trainer.kl_ctl.state_dict(), "ptx_batches": ptx_used})
-                if models.actor_ema is not None and ds.is_main():
-                    torch.save(models.actor_ema, ckpt.latest_checkpoint(run.ckpt_dir) / "actor_ema.pt")
+                                      "kl_ctl": trainer.kl_ctl.state_dict(), "ptx_batches": ptx_used},
+                                     extra_objects=({"actor_ema.pt": models.actor_ema}
+                                                    if models.actor_ema is not None else None))
         epoch += 1
         start_batch = 0
     bar.close()

@@ -52,8 +52,13 @@ def compare_runs(one, two, eval_keys):
     assert_rel(r2[1]["loss"], r1[1]["loss"], 5e-6, "step 2 loss (after one update)")
     assert r2[0]["lr"] == pytest.approx(r1[0]["lr"], rel=1e-9)
     e1, e2 = eval_rows(one)[-1], eval_rows(two)[-1]
-    for k in eval_keys:  # both ranks' halves of the eval set add up to the 1-rank numbers
-        assert e2[k] == pytest.approx(e1[k], rel=1e-5, abs=1e-5), k
+    # Both ranks' halves of the eval set add up to the 1-rank numbers. The eval runs after both
+    # updates, and CPU kernels of different machine kinds reduce in a different order: the RM's
+    # chosen_score differed by 9e-5 relative (0.3998727 vs 0.3998352) between 1 and 2 ranks on a
+    # 2-core AVX2-only EPYC, ~1e-6 on an AVX512 one. A wrong split of the eval set (a row counted
+    # twice or lost, a per-rank mean) moves these numbers by percents, so 1e-3 still catches it.
+    for k in eval_keys:
+        assert e2[k] == pytest.approx(e1[k], rel=1e-3, abs=1e-4), k
 
 
 @pytest.fixture(scope="module")

@@ -196,7 +196,17 @@ class PPOConfig(CommonConfig):
     cliprange_value: float = opt(0.2, "value clip around the old values")
     gamma: float = opt(1.0, "discount")
     lam: float = opt(0.95, "GAE lambda")
-    whiten_advantages: bool = opt(True, "normalise advantages over each experience batch")
+    whiten_advantages: bool = opt(True, "normalise advantages over all rollouts of one update, "
+                                        "all ranks")
+    recompute_old_logprobs: Optional[bool] = opt(None, "old log-probs from an actor forward over "
+                                                       "the rollout instead of the generation logits "
+                                                       "(default: on unless the actor is fp32)")
+    logprob_gap_warn: float = opt(0.05, "warn when the mean |log p| gap between the old log-probs "
+                                        "and the training forward passes this (0: never)")
+    missing_eos_penalty: float = opt(0.0, "subtracted from the score of answers cut at "
+                                          "--max-answer-seq-len without an EOS")
+    normalize_reward: bool = opt(False, "normalise reward scores by their running mean and std "
+                                        "(all ranks) before clipping")
     # --- optimisation, per model
     actor_learning_rate: float = opt(9.65e-6, "actor peak learning rate")
     critic_learning_rate: float = opt(5e-6, "critic peak learning rate")
@@ -256,13 +266,21 @@ class PPOConfig(CommonConfig):
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
-        rollout = self.per_device_generation_batch_size * self.generation_batches
-        if rollout % self.per_device_training_batch_size:
+        # Each rollout batch is cut into optimizer steps of micro-batch x accumulation rows. A
+        # remainder would leave DeepSpeed's accumulation counter mid-step, so the next rollout's
+        # (or PTX's) micro-batches would join that optimizer step.
+        gen, micro = self.per_device_generation_batch_size, self.per_device_training_batch_size
+        step_rows = micro * self.gradient_accumulation_steps
+        if gen % step_rows:
             raise ConfigError(
-                f"the experience of one update ({self.per_device_generation_batch_size} x "
-                f"{self.generation_batches} generation batches = {rollout} samples) must split into "
-                f"whole mini-batches of --per-device-training-batch-size "
-                f"{self.per_device_training_batch_size}; pick sizes that divide")
+                f"--per-device-generation-batch-size {gen} is not a multiple of "
+                f"--per-device-training-batch-size {micro} x --gradient-accumulation-steps "
+                f"{self.gradient_accumulation_steps} = {step_rows}, so one optimizer step would mix "
+                f"two rollouts (or PPO and PTX); raise the generation batch to a multiple of "
+                f"{step_rows} or lower the other two")
+        if self.missing_eos_penalty < 0:
+            raise ConfigError(f"--missing-eos-penalty is subtracted from the score; give a value "
+                              f">= 0, got {self.missing_eos_penalty}")
         if (self.unsupervised_dataset_name is None) != (self.unsupervised_dataset_config_name is None) \
                 and self.unsupervised_dataset_name is not None and not os.path.exists(
                     self.unsupervised_dataset_name):

@@ -90,8 +90,11 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
+        home = x.device
+        # NCCL reduces device tensors only; gloo (CPU) takes them as they are
+        x = x.to(device()) if dist.get_backend() == "nccl" else x.clone()
         dist.all_reduce(x)
+        x = x.to(home)
     return x
 
 

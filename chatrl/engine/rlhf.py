@@ -64,11 +64,12 @@ class RLHFModels:
                  dtype: str, offload: bool, micro_batch: int, grad_accum: int, grad_clip: float,
                  scheduler: str, warmup_steps: int, total_steps: int,
                  offload_reference_model: bool = False, offload_reward_model: bool = False,
-                 enable_ema: bool = False, release_inference_cache: bool = False):
+                 enable_ema: bool = False, release_inference_cache: bool = False,
+                 actor_total_steps: int | None = None):
         self.tokenizer = tokenizer
         self.dtype = dtype
 
-        def engine_for(model, spec: ModelSpec):
+        def engine_for(model, spec: ModelSpec, n_steps: int):
             if spec.lora_dim > 0:
                 model = apply_lora(model, spec.lora_dim, None, spec.lora_module_name,
                                    only_optimize=spec.only_optimize_lora)
@@ -76,12 +77,14 @@ class RLHFModels:
                 zero_stage=spec.zero_stage, offload=offload, dtype=dtype, micro_batch=micro_batch,
                 grad_accum=grad_accum, grad_clip=grad_clip, lr=spec.lr, weight_decay=spec.weight_decay,
                 lora_lr=spec.lora_lr, scheduler=scheduler, warmup_steps=warmup_steps,
-                total_steps=total_steps, gradient_checkpointing=spec.gradient_checkpointing))
+                total_steps=n_steps, gradient_checkpointing=spec.gradient_checkpointing))
 
         # actor + reference (the same weights at the start)
         actor_model = load_causal_lm(actor.path, dtype="fp32", dropout=actor.dropout, tokenizer=tokenizer)
         ref_model = copy.deepcopy(actor_model)
-        self.actor = engine_for(actor_model, actor)
+        # The actor may take more optimizer steps than the critic (PTX adds one after each PPO
+        # step): each scheduler is built for its own model's count.
+        self.actor = engine_for(actor_model, actor, actor_total_steps or total_steps)
         self.hybrid = HybridEngine(self.actor, release_inference_cache=release_inference_cache)
         self.ref = _frozen(ref_model, actor.zero_stage, dtype, offload_reference_model)
         # critic + reward
@@ -89,7 +92,7 @@ class RLHFModels:
                                                    tokenizer=tokenizer)
         reward_model = (copy.deepcopy(critic_model) if reward_path == critic.path else
                         RewardModel.from_pretrained(reward_path, dtype="fp32", tokenizer=tokenizer))
-        self.critic = engine_for(critic_model, critic)
+        self.critic = engine_for(critic_model, critic, total_steps)
         self.reward = _frozen(reward_model, critic.zero_stage, dtype, offload_reward_model)
         # EMA of the actor: a full fp32 copy on the CPU (bf16 would swallow most updates)
         self.actor_ema = None

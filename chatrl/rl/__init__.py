@@ -27,10 +27,12 @@ from chatrl.rl.losses import dpo_loss, dschat_pairwise_loss, pairwise_loss, poli
 from chatrl.rl.masks import (
     last_token_values,
     masked_mean,
+    masked_moments,
     masked_sum,
     masked_var,
     response_mask,
     whiten,
+    whiten_from_moments,
 )
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "kl_shaped_rewards",
     "last_token_values",
     "masked_mean",
+    "masked_moments",
     "masked_sum",
     "masked_var",
     "pairwise_loss",
@@ -59,4 +62,5 @@ __all__ = [
     "token_counts",
     "value_loss",
     "whiten",
+    "whiten_from_moments",
 ]

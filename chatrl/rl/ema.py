@@ -80,6 +80,19 @@ class RunningMoments:
         batch_std = math.sqrt(m2_b / (n_b - 1)) if n_b > 1 else 0.0
         return mean_b, batch_std
 
+    def update_from_moments(self, n_b: float, sum_b: float, sumsq_b: float) -> None:
+        """Add a batch given by its count, sum and sum of squares (e.g. all-reduced over ranks,
+        so every rank keeps the same running statistics)."""
+        if n_b <= 0:
+            return
+        mean_b = sum_b / n_b
+        m2_b = max(sumsq_b - n_b * mean_b * mean_b, 0.0)
+        n = self.count + n_b
+        d = mean_b - self.mean
+        self.mean += d * n_b / n
+        self.m2 += m2_b + d * d * self.count * n_b / n
+        self.count = int(n)
+
     def normalize(self, xs: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
         """``(xs - mean) / (std + eps)``; with ``shift_mean=False`` only ``xs / (std + eps)``."""
         centred = xs - self.mean if shift_mean else xs

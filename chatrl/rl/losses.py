@@ -24,6 +24,9 @@ __all__ = [
 ]
 
 
+LOG_RATIO_CLAMP = 20.0
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -37,7 +40,7 @@ def policy_loss(
     rollout time), ``advantages``, ``action_mask``: ``[batch, response_len]``
     -> ``(loss 0-dim, stats)``.
 
-        ratio_t = exp(logprobs_t - old_logprobs_t)
+        ratio_t = exp(clamp(logprobs_t - old_logprobs_t, -20, 20))
         loss    = masked_mean( max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - c, 1 + c)) )
 
     Stats (token-level masked means over the batch, detached):
@@ -49,9 +52,11 @@ def policy_loss(
     - ``ratio_mean``: ``masked_mean(ratio)``.
     """
     mask = action_mask
-    # mask before exp so a -inf log-prob on padding can give neither inf nor a nan gradient
+    # mask before exp so a -inf log-prob on padding can give neither inf nor a nan gradient;
+    # clamp so one token whose probability collapsed (log-ratio -100 in bf16, say) cannot give
+    # an inf ratio and an inf or nan loss: beyond +-LOG_RATIO_CLAMP the clip has long acted anyway
     log_ratio = _masked(logprobs - old_logprobs, mask)
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     adv = _masked(advantages, mask).to(ratio.dtype)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)

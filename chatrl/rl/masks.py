@@ -20,6 +20,8 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "whiten",
+    "masked_moments",
+    "whiten_from_moments",
     "response_mask",
     "last_token_values",
 ]
@@ -84,18 +86,47 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return torch.where(n > 1, var * n / (n - 1).clamp(min=1), torch.zeros_like(var))
 
 
+def masked_moments(x: Tensor, mask: Tensor) -> Tensor:
+    """``[n, sum, sum of squares]`` of the masked entries of ``x``, fp64, shape ``[3]``.
+
+    Moments add up: the moments of several batches (or ranks, with an all-reduce sum) are the
+    sum of their moments, so :func:`whiten_from_moments` can whiten over all of them at once.
+    """
+    xd = _masked(x.detach().double(), mask)
+    n = (mask != 0).sum().double() if mask.dtype != torch.bool else mask.sum().double()
+    return torch.stack([n, xd.sum(), xd.square().sum()])
+
+
+def whiten_from_moments(x: Tensor, mask: Tensor, moments: Tensor, shift_mean: bool = True,
+                        eps: float = 1e-8) -> Tensor:
+    """:func:`whiten` with the statistics of ``moments`` (from :func:`masked_moments`, possibly
+    summed over batches and ranks) instead of ``x``'s own. Shapes as :func:`whiten`.
+
+        mu  = sum / n,   var = (sumsq / n - mu^2) * n / (n - 1)     (0 when n < 2)
+        w   = (x - mu) / sqrt(var + eps)     (+ mu if not shift_mean)
+    """
+    n, s, ss = (float(v) for v in moments.double().cpu())
+    mu = s / n if n > 0 else 0.0
+    var = max(ss / n - mu * mu, 0.0) * n / (n - 1) if n > 1 else 0.0
+    w = (x - mu) * (var + eps) ** -0.5
+    if not shift_mean:
+        w = w + mu
+    return _masked(w, mask)
+
+
 def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """Normalise ``x`` to zero mean and unit variance using masked entries only.
 
     Shapes: ``x``, ``mask``: ``[batch, response_len]`` -> ``[batch, response_len]``.
-    Statistics are taken over all masked entries of the (local) batch, the
-    variance is the UNBIASED one of :func:`masked_var`:
+    Statistics are taken over all masked entries of ``x``, the variance is the
+    UNBIASED one of :func:`masked_var`:
 
         w = (x - mu) / sqrt(var_unbiased + eps)
         w = w + mu              if not shift_mean  (rescale only, keep the mean)
 
-    Masked-out entries are 0 in the output. In multi-rank training the
-    statistics are per rank (as in DeepSpeed-Chat/TRL), not all-reduced.
+    Masked-out entries are 0 in the output. To whiten over several batches or
+    ranks at once (PPO whitens over the whole update, all ranks), sum their
+    :func:`masked_moments` and use :func:`whiten_from_moments`.
     """
     mu = masked_mean(x, mask)
     var = masked_var(x, mask, unbiased=True)

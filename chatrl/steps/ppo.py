@@ -34,9 +34,10 @@ from ..logging import progress, write_line
 from ..models import resolve_model_path
 from ..models.load import accepts_logits_to_keep, model_inputs
 from ..models.reward import RewardModel, gather_last
-from ..rl import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae_advantages,
-                  gather_logprobs, kl_penalty, kl_shaped_rewards, masked_mean, policy_loss,
-                  response_mask, sft_loss, value_loss, whiten)
+from ..rl import (AdaptiveKLController, FixedKLController, RunningMoments, entropy_from_logits,
+                  gae_advantages, gather_logprobs, kl_penalty, kl_shaped_rewards, masked_mean,
+                  masked_moments, policy_loss, response_mask, sft_loss, value_loss,
+                  whiten_from_moments)
 from . import common
 
 
@@ -115,10 +116,11 @@ class Experience:
         return self.sequences.shape[0]
 
 
-def answer_logits(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int,
-                  temperature: float = 1.0) -> torch.Tensor:
-    """Logits of the sampling policy for each answer token: forward over prompt + answer, sliced,
-    divided by the rollout temperature (the policy that sampled is softmax(logits / T)). [B, R, V]"""
+def answer_logits(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """The model's logits for each answer token: forward over prompt + answer, sliced. [B, R, V]
+
+    In the model's dtype and not yet divided by the rollout temperature: pass `temperature` to
+    gather_logprobs / entropy_from_logits, which divide after upcasting to fp32."""
     answer_len = seq.shape[1] - prompt_len
     if accepts_logits_to_keep(model):
         # The vocabulary projection only where an answer token is predicted (the last R + 1
@@ -128,7 +130,7 @@ def answer_logits(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int,
     else:
         out = model(**model_inputs(model, seq, mask), use_cache=False)
         logits = out.logits[:, prompt_len - 1:-1]
-    return logits / temperature if temperature > 0 and temperature != 1.0 else logits
+    return logits
 
 
 def answer_values(critic, seq, mask, prompt_len: int) -> torch.Tensor:
@@ -154,11 +156,31 @@ class PPOTrainer:
             pad_token_id=self.tokenizer.pad_token_id)
         self.last_stats: dict = {}
         self.device = ds.device()
+        # Old log-probs: from the generation logits (no extra forward) when the actor trains in
+        # fp32, where both agree to ~1e-6; from a forward of the training module otherwise
+        # (bf16/fp16 generation with a KV cache rounds differently from a full forward).
+        rec = cfg.recompute_old_logprobs
+        self.recompute_old_logprobs = (models.dtype != "fp32") if rec is None else bool(rec)
+        self.reward_moments = RunningMoments() if cfg.normalize_reward else None
+        self._pre_update = False  # no optimizer step since the last rollout (see train_rlhf)
 
     # ------------------------------------------------------------------ 1-3. experience
     @torch.no_grad()
     def generate_experience(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             step: int | None = None) -> Experience:
+        """One rollout batch, scored, with advantages whitened over it (on all ranks together).
+
+        run_ppo collects `generation_batches` of these with make_experience and whitens them
+        together (whiten_experiences), so the statistics span the whole update."""
+        exp = self.make_experience(input_ids, attention_mask)
+        if self.cfg.whiten_advantages:
+            whiten_experiences([exp])
+        return exp
+
+    @torch.no_grad()
+    def make_experience(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Experience:
+        """Rollout, old log-probs, reference log-probs, values, scores, KL-shaped rewards and GAE
+        (advantages not yet whitened)."""
         cfg, m, dev = self.cfg, self.models, self.device
         input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
         P = input_ids.shape[1]
@@ -173,41 +195,74 @@ class PPOTrainer:
         answer = torch.where(action_mask.bool(), answer, torch.full_like(answer, self.tokenizer.pad_token_id))
         seq = torch.cat([input_ids, answer], dim=1)
         mask = torch.cat([attention_mask, action_mask.long()], dim=1)
-        # Scoring forwards: reference, critic, reward (actor log-probs came with generation).
+        # Scoring forwards: (actor,) reference, critic, reward.
         t1 = time.time()
-        logprobs = gen.logprobs[:, :R].float() * action_mask
+        gen_logprobs = gen.logprobs[:, :R].float() * action_mask
+        extra = {}
+        if self.recompute_old_logprobs:
+            logprobs = self._logprobs(m.actor, seq, mask, P, eval_mode=True) * action_mask
+            gap = (logprobs - gen_logprobs).abs() * action_mask
+            extra = {"rollout/logprob_gap": (gap.sum() / action_mask.sum().clamp(min=1)).item(),
+                     "rollout/logprob_gap_max": gap.max().item()}
+        else:
+            logprobs = gen_logprobs
         ref_logprobs = self._logprobs(m.ref, seq, mask, P) * action_mask
         m.critic.eval()  # old values without dropout
         values = answer_values(m.critic, seq, mask, P) * action_mask
         m.critic.train()
-        scores = self._score(seq, mask)
+        raw_scores = self._score(seq, mask)
+        ended = ended_with_eos(answer, action_mask, self.tokenizer.eos_token_id)
+        scores = self._shape_scores(raw_scores, ended)
         # 2. KL-shaped rewards and 3. GAE
         rewards = kl_shaped_rewards(logprobs, ref_logprobs, scores, action_mask,
                                     kl_coef=self.kl_ctl.value, clip_reward=cfg.clip_reward_value,
                                     estimator=cfg.kl_estimator)
         advantages, returns = gae_advantages(rewards, values, action_mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = whiten(advantages, action_mask)
         t_score = time.time() - t1
         kl_tok = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * action_mask
         n_tokens = action_mask.sum()
+        self._pre_update = True
         self.last_stats = {
-            "reward/score": scores.mean().item(),
+            "reward/score": raw_scores.mean().item(),
+            "reward/shaped_score": scores.mean().item(),
             "reward/total": (rewards.sum(1)).mean().item(),
             "policy/kl": kl_tok.sum(1).mean().item(),
             "policy/kl_coef": self.kl_ctl.value,
             "response/length": action_mask.sum(1).mean().item(),
-            "response/eos_rate": response_ended(answer, action_mask, self.tokenizer.eos_token_id),
+            "response/eos_rate": ended.float().mean().item(),
             "time/generate": t_gen, "time/score": t_score,
             "tokens/generated": n_tokens.item(), "tokens/prompt": attention_mask.sum().item(),
+            **extra,
         }
         return Experience(seq, mask, action_mask, P, logprobs, ref_logprobs, values, scores, rewards,
                           advantages, returns)
 
-    def _logprobs(self, model, seq, mask, P) -> torch.Tensor:
+    def _shape_scores(self, scores: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+        """Reward-model scores -> the scores PPO optimises: optionally normalised by their running
+        mean and std (statistics all-reduced, so every rank normalises alike), minus
+        --missing-eos-penalty for answers cut at the length limit."""
+        if self.reward_moments is not None:
+            mom = ds.all_reduce_sum(torch.stack([torch.tensor(float(scores.numel())),
+                                                 scores.double().sum().cpu(),
+                                                 scores.double().square().sum().cpu()]).double())
+            self.reward_moments.update_from_moments(*(float(v) for v in mom))
+            scores = self.reward_moments.normalize(scores).float()
+        if self.cfg.missing_eos_penalty:
+            scores = scores - self.cfg.missing_eos_penalty * (~ended).float()
+        return scores
+
+    def _logprobs(self, model, seq, mask, P, eval_mode: bool = False) -> torch.Tensor:
         target = next(model.parameters()).device
-        logits = answer_logits(model, seq.to(target), mask.to(target), P, self.cfg.temperature)
-        return gather_logprobs(logits, seq[:, P:].to(target)).float().to(self.device)
+        was_training = model.training
+        if eval_mode:
+            model.eval()
+        try:
+            logits = answer_logits(model, seq.to(target), mask.to(target), P)
+        finally:
+            if eval_mode and was_training:
+                model.train()
+        return gather_logprobs(logits, seq[:, P:].to(target),
+                               temperature=self.cfg.temperature).float().to(self.device)
 
     def _score(self, seq, mask) -> torch.Tensor:
         reward = self.models.reward
@@ -227,13 +282,21 @@ class PPOTrainer:
             exp = Experience.from_dict(exp)
         P, mask, act = exp.prompt_len, exp.attention_mask, exp.action_mask
         # actor
-        logits = answer_logits(m.actor, exp.sequences, mask, P, cfg.temperature)
-        logprobs = gather_logprobs(logits, exp.sequences[:, P:])
+        logits = answer_logits(m.actor, exp.sequences, mask, P)
+        logprobs = gather_logprobs(logits, exp.sequences[:, P:], temperature=cfg.temperature)
         actor_loss, pstats = policy_loss(logprobs, exp.logprobs, exp.advantages, act, cfg.cliprange)
+        gap = {}
         with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(logits.detach()), act)
+            entropy = masked_mean(entropy_from_logits(logits.detach(), temperature=cfg.temperature), act)
+            if self._pre_update:
+                # No optimizer step since the rollout: any difference between the old log-probs
+                # and this forward is rollout/training mismatch, not learning.
+                gap = logprob_gap_stats(logprobs.detach(), exp.logprobs, act)
+        boundary = m.actor.is_gradient_accumulation_boundary()
         m.actor.backward(actor_loss * loss_scale if loss_scale != 1.0 else actor_loss)
         m.actor.step()
+        if boundary:
+            self._pre_update = False
         # critic
         values = answer_values(m.critic, exp.sequences, mask, P)
         critic_loss, vstats = value_loss(values, exp.values, exp.returns, act, cfg.cliprange_value)
@@ -243,8 +306,10 @@ class PPOTrainer:
             "loss/actor": actor_loss.item(), "loss/critic": critic_loss.item(),
             "policy/clipfrac": float(pstats["clipfrac"]), "policy/approx_kl": float(pstats["approx_kl"]),
             "policy/ratio": float(pstats["ratio_mean"]), "policy/entropy": entropy.item(),
-            "value/clipfrac": float(vstats["vf_clipfrac"]),
+            "value/clipfrac": float(vstats["vf_clipfrac"]), **gap,
         })
+        for k in [k for k in self.last_stats if k.startswith("policy/logprob_gap") and k not in gap]:
+            del self.last_stats[k]
         return actor_loss.detach(), critic_loss.detach()
 
     def train_unsupervised(self, batch: dict, unsup_coef: float) -> torch.Tensor:
@@ -286,15 +351,42 @@ def token_scales(exp: Experience, step_rows: list[torch.Tensor]) -> list[float]:
     return [c * len(counts) / total if total > 0 else 1.0 for c in counts]
 
 
-def response_ended(answer, action_mask, eos_id) -> float:
-    """Share of answers that ended with an EOS (the rest hit max_answer_seq_len)."""
+def ended_with_eos(answer, action_mask, eos_id) -> torch.Tensor:
+    """[B] bool: the answer ended with an EOS (the others hit max_answer_seq_len)."""
     last = (action_mask.sum(1) - 1).clamp(min=0).long()
-    return (answer.gather(1, last.unsqueeze(1)).squeeze(1) == eos_id).float().mean().item()
+    return answer.gather(1, last.unsqueeze(1)).squeeze(1) == eos_id
+
+
+def logprob_gap_stats(logprobs: torch.Tensor, old_logprobs: torch.Tensor, action_mask) -> dict:
+    """Rollout/training mismatch at equal weights: mean and max |log p - log p_old| over answer
+    tokens, and the token probability ratio exp(log p - log p_old) (mean and max)."""
+    d = (logprobs.float() - old_logprobs.float()) * action_mask
+    n = action_mask.sum().clamp(min=1)
+    ratio = torch.exp(d.clamp(-20, 20))
+    on = action_mask.bool()
+    return {"policy/logprob_gap": (d.abs().sum() / n).item(),
+            "policy/logprob_gap_max": d.abs().max().item(),
+            "policy/logprob_gap_ratio": ((ratio * action_mask).sum() / n).item(),
+            "policy/logprob_gap_ratio_max": ratio[on].max().item() if on.any() else 1.0}
+
+
+def whiten_experiences(exps: list[Experience], shift_mean: bool = True) -> None:
+    """Whiten the advantages of all `exps` with one mean and variance, taken over every answer
+    token of every experience on every rank (count, sum and sum of squares all-reduced).
+
+    Whitening each rollout batch (or each rank) on its own would make every batch's advantages
+    sum to zero: with a generation batch of 1 each answer would lose the signal that it was,
+    as a whole, better or worse than the others."""
+    moments = sum(masked_moments(e.advantages, e.action_mask) for e in exps)
+    moments = ds.all_reduce_sum(moments)
+    for e in exps:
+        e.advantages = whiten_from_moments(e.advantages, e.action_mask, moments, shift_mean)
 
 
 # ---------------------------------------------------------------------------- the step
 
-def build_models(cfg, tokenizer, total_steps: int, dtype: str) -> RLHFModels:
+def build_models(cfg, tokenizer, total_steps: int, dtype: str,
+                 actor_total_steps: int | None = None) -> RLHFModels:
     actor_path = resolve_model_path(cfg.actor_model_name_or_path)
     critic_path = resolve_model_path(cfg.critic_model_name_or_path)
     reward_path = resolve_model_path(cfg.reward_model_name_or_path) if cfg.reward_model_name_or_path \
@@ -315,7 +407,7 @@ def build_models(cfg, tokenizer, total_steps: int, dtype: str) -> RLHFModels:
         warmup_steps=cfg.num_warmup_steps, total_steps=total_steps,
         offload_reference_model=cfg.offload_reference_model,
         offload_reward_model=cfg.offload_reward_model, enable_ema=cfg.enable_ema,
-        release_inference_cache=cfg.release_inference_cache)
+        release_inference_cache=cfg.release_inference_cache, actor_total_steps=actor_total_steps)
 
 
 def iterations_per_epoch(n_prompts: int, cfg, world: int) -> int:
@@ -356,9 +448,11 @@ def run_ppo(cfg) -> Path:
         n_iters = min(n_iters, cfg.test_stop_step)
     mb_per_iter = cfg.per_device_generation_batch_size * cfg.generation_batches // cfg.per_device_training_batch_size
     opt_steps = n_iters * cfg.ppo_epochs * mb_per_iter // cfg.gradient_accumulation_steps
+    # PTX takes its own actor optimizer step after each PPO step: the actor's schedule counts both
+    actor_steps = opt_steps * (2 if cfg.unsupervised_dataset_name else 1)
 
     # 2. models
-    models = build_models(cfg, tokenizer, opt_steps, run.dtype)
+    models = build_models(cfg, tokenizer, opt_steps, run.dtype, actor_total_steps=actor_steps)
     trainer = PPOTrainer(models, cfg)
     ptx, ptx_used = None, 0
     flops_actor = matmul_params(models.actor.module)
@@ -372,6 +466,8 @@ def run_ppo(cfg) -> Path:
         it, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
         run.logger.truncate_after(it)
         trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+        if trainer.reward_moments is not None and "reward_moments" in state:
+            trainer.reward_moments.load_state_dict(state["reward_moments"])
         if models.actor_ema is not None:
             if not (last / "actor_ema.pt").exists():
                 from ..errors import ConfigError
@@ -385,6 +481,7 @@ def run_ppo(cfg) -> Path:
         ptx = load_ptx(cfg, tokenizer, skip=ptx_used)
 
     bar = progress(n_iters, "ppo", cfg.progress, initial=it, unit="iter")
+    gap_warned = False
     gb = cfg.per_device_generation_batch_size
     while it < n_iters:
         order = common.epoch_batches(len(train_ds), cfg.seed, epoch, gb * world)
@@ -399,8 +496,10 @@ def run_ppo(cfg) -> Path:
             for global_rows in groups[g]:
                 rows = global_rows[rank * gb:(rank + 1) * gb]
                 batch = collate_prompts([train_ds[i] for i in rows], tokenizer.pad_token_id)
-                exps.append(trainer.generate_experience(batch["input_ids"], batch["attention_mask"], it))
+                exps.append(trainer.make_experience(batch["input_ids"], batch["attention_mask"]))
                 gen_stats.append(dict(trainer.last_stats))
+            if cfg.whiten_advantages:  # over the whole update, all ranks
+                whiten_experiences(exps)
             # 4. PPO epochs over mini-batches (each within one rollout batch: no re-padding)
             t_train = time.time()
             train_stats = []
@@ -421,12 +520,16 @@ def run_ppo(cfg) -> Path:
             # 5. EMA, KL controller, metrics, answers, checkpoint
             models.update_ema(cfg.ema_beta)
             n_samples = sum(e.batch_size for e in exps)
-            mean_kl = sum(s["policy/kl"] for s in gen_stats) / len(gen_stats)
-            trainer.kl_ctl.update(mean_kl, n_samples * world)
             it += 1
-            metrics = _mean_stats(gen_stats, ("reward/", "policy/kl", "response/", "tokens/"))
+            # per-rank means, then the mean over ranks (max for *_max): every rank logs and
+            # feeds the KL controller the same global values
+            metrics = _mean_stats(gen_stats, ("reward/", "policy/kl", "response/", "tokens/",
+                                              "rollout/"))
             metrics.update(_mean_stats(train_stats, ("loss/", "policy/clipfrac", "policy/approx_kl",
-                                                     "policy/ratio", "policy/entropy", "value/")))
+                                                     "policy/ratio", "policy/entropy", "value/",
+                                                     "policy/logprob_gap")))
+            metrics = reduce_across_ranks(metrics)
+            trainer.kl_ctl.update(metrics["policy/kl"], n_samples * world)
             t_gen = sum(s["time/generate"] for s in gen_stats)
             t_score = sum(s["time/score"] for s in gen_stats)
             dt = time.time() - t_iter
@@ -439,7 +542,16 @@ def run_ppo(cfg) -> Path:
                             "time/iteration": dt, "perf/samples_per_s": n_samples * world / dt,
                             "perf/tokens_per_s": tokens * world / dt,
                             "perf/generated_tokens_per_s": gen_tokens * world / max(t_gen, 1e-9),
-                            "perf/flops_per_s": flops * world / dt, "policy/kl_coef": trainer.kl_ctl.value})
+                            "perf/flops_per_s": flops * world / dt, "policy/kl_coef": trainer.kl_ctl.value,
+                            "lr/actor": models.actor.get_lr()[0], "lr/critic": models.critic.get_lr()[0]})
+            gap = metrics.get("policy/logprob_gap", 0.0)
+            if cfg.logprob_gap_warn and gap > cfg.logprob_gap_warn and not gap_warned:
+                gap_warned = True
+                write_line(f"warning: iteration {it}: the old log-probs differ from the training "
+                           f"forward by {gap:.3g} on average (max {metrics['policy/logprob_gap_max']:.3g}) "
+                           "before any update; the PPO ratio is off by that much. "
+                           + ("Use --recompute-old-logprobs" if not trainer.recompute_old_logprobs
+                              else "Check --dtype and dropout (--actor-dropout 0)"))
             if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
                 raise FloatingPointError(f"ppo iteration {it}: non-finite metrics {metrics}; lower the "
                                          "learning rates or check the reward model")
@@ -452,7 +564,9 @@ def run_ppo(cfg) -> Path:
                 nxt = (epoch, g + 1) if g + 1 < len(groups) else (epoch + 1, 0)
                 ckpt.save_checkpoint(run.ckpt_dir, it, engines,
                                      {"epoch": nxt[0], "batch_in_epoch": nxt[1],
-                                      "kl_ctl": trainer.kl_ctl.state_dict(), "ptx_batches": ptx_used},
+                                      "kl_ctl": trainer.kl_ctl.state_dict(), "ptx_batches": ptx_used,
+                                      **({"reward_moments": trainer.reward_moments.state_dict()}
+                                         if trainer.reward_moments is not None else {})},
                                      extra_objects=({"actor_ema.pt": models.actor_ema}
                                                     if models.actor_ema is not None else None))
         epoch += 1
@@ -487,8 +601,33 @@ def save_ema(models: RLHFModels, tokenizer, out_dir: Path, meta: dict) -> None:
 
 
 def _mean_stats(rows: list[dict], prefixes: tuple) -> dict:
+    """Mean of each metric over the rows that have it (the max for `*_max` metrics)."""
     keys = {k for r in rows for k in r if k.startswith(prefixes)}
-    return {k: sum(r[k] for r in rows if k in r) / max(sum(1 for r in rows if k in r), 1) for k in sorted(keys)}
+    out = {}
+    for k in sorted(keys):
+        vals = [r[k] for r in rows if k in r]
+        out[k] = max(vals) if k.endswith("_max") else sum(vals) / len(vals)
+    return out
+
+
+def reduce_across_ranks(metrics: dict) -> dict:
+    """Per-rank metric values -> the mean over ranks (the max for `*_max`). Collective: every rank
+    has the same keys (they follow from the config)."""
+    if ds.world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    means = [k for k in keys if not k.endswith("_max")]
+    maxes = [k for k in keys if k.endswith("_max")]
+    total = ds.all_reduce_sum(torch.tensor([float(metrics[k]) for k in means], dtype=torch.float64))
+    out = {k: v / ds.world_size() for k, v in zip(means, total.tolist())}
+    if maxes:
+        import torch.distributed as dist
+
+        t = torch.tensor([float(metrics[k]) for k in maxes], dtype=torch.float64)
+        t = t.to(ds.device()) if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out.update(zip(maxes, t.cpu().tolist()))
+    return out
 
 
 def print_answers(exp: Experience, tokenizer, it: int) -> None:

@@ -184,6 +184,42 @@ def test_rollout_logprobs_equal_training_forward(inproc, temperature, top_p):
     assert st["policy/approx_kl"] < 1e-8
 
 
+def test_missing_eos_penalty_and_reward_normalisation(inproc):
+    """--missing-eos-penalty lowers the score of answers cut at the length limit (and only
+    those); --normalize-reward scores by the running mean and std of all scores so far."""
+    from chatrl.models.reward import gather_last
+    from chatrl.steps.ppo import PPOTrainer, ended_with_eos
+
+    batch, _ = prompt_batch(inproc.tok)
+    cfg = dataclasses.replace(inproc.cfg, missing_eos_penalty=1.5, max_answer_seq_len=10)
+    tr = PPOTrainer(inproc.models, cfg)
+    for seed in range(20):  # a batch with both kinds of answer (the actor is EOS-boosted)
+        torch.manual_seed(seed)
+        exp = tr.make_experience(batch["input_ids"], batch["attention_mask"])
+        P = exp.prompt_len
+        ended = ended_with_eos(exp.sequences[:, P:], exp.action_mask, inproc.tok.eos_token_id)
+        if 0 < ended.sum() < len(ended):
+            break
+    assert 0 < ended.sum() < len(ended), ended
+    with torch.no_grad():
+        raw = gather_last(inproc.models.reward(exp.sequences, exp.attention_mask), exp.attention_mask).float()
+    assert torch.allclose(exp.scores, raw - 1.5 * (~ended).float(), atol=1e-5)
+    assert tr.last_stats["reward/score"] == pytest.approx(raw.mean().item(), abs=1e-5)
+
+    tr = PPOTrainer(inproc.models, dataclasses.replace(inproc.cfg, normalize_reward=True))
+    seen = []
+    for seed in (4, 5):
+        torch.manual_seed(seed)
+        exp = tr.make_experience(batch["input_ids"], batch["attention_mask"])
+        with torch.no_grad():
+            seen.append(gather_last(inproc.models.reward(exp.sequences, exp.attention_mask),
+                                    exp.attention_mask).float())
+        allseen = torch.cat(seen).double()
+        want = (seen[-1] - allseen.mean()) / (allseen.std(unbiased=True) + 1e-8)
+        assert torch.allclose(exp.scores, want.float(), atol=1e-4), (exp.scores, want)
+    assert tr.reward_moments.count == 8
+
+
 def test_second_ppo_epoch_clips_and_losses_stay_finite(inproc):
     tr, cfg = inproc.trainer, inproc.cfg
     assert cfg.ppo_epochs == 2
@@ -394,6 +430,19 @@ def test_ptx_ran_on_the_text_file_every_mini_batch(run_b):
             real = [t for t, m in zip(ids, mask) if m]
             for piece in tok.decode(real).split(tok.eos_token):
                 assert piece.strip() in text, piece
+
+
+def test_ptx_steps_count_in_the_actor_lr_schedule(run_b):
+    """PTX adds an actor optimizer step after each PPO step: the actor's cosine schedule is built
+    for both, so it sits at the same point of its schedule as the critic's (whose steps are PPO
+    steps only) after every iteration. Built for PPO steps alone, the actor's LR hit 0 halfway."""
+    rows = metrics(run_b.out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:  # peaks: --actor_lora_learning_rate 1e-2, --critic_learning_rate 1e-4
+        assert r["lr/actor"] / 1e-2 == pytest.approx(r["lr/critic"] / 1e-4, rel=1e-6), r["step"]
+    # cosine decay, reaching 0 only after the last optimizer step (never early, never back up)
+    assert all(a["lr/actor"] > b["lr/actor"] for a, b in zip(rows, rows[1:]))
+    assert rows[-2]["lr/actor"] > 0 and rows[-1]["lr/actor"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_lora_actor_saved_merged_without_lora_tensors(run_b):

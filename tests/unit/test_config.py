@@ -238,3 +238,21 @@ def test_from_namespace_step3_names():
     cfg = from_namespace(PPOConfig, ns)
     for k, v in vars(ns).items():
         assert getattr(cfg, k) == (getattr(PPOConfig(), k) if v is None else v), k
+
+
+def test_ppo_generation_batch_must_fill_whole_optimizer_steps():
+    """4 prompts per rollout, mini-batch 2 x accumulation 4 = 8 rows per optimizer step: the
+    second half of a step would come from the next rollout (or from PTX). Refused, naming the
+    numbers to change; multiples are accepted."""
+    from chatrl.config import PPOConfig
+
+    base = {"actor_model_name_or_path": "tiny", "critic_model_name_or_path": "tiny",
+            "output_dir": "unused", "per_device_generation_batch_size": 4,
+            "per_device_training_batch_size": 2}
+    build_config(PPOConfig, cli={**base, "gradient_accumulation_steps": 2})
+    with pytest.raises(ConfigError, match=r"--per-device-generation-batch-size 4 is not a multiple of "
+                                          r"--per-device-training-batch-size 2 x "
+                                          r"--gradient-accumulation-steps 4 = 8"):
+        build_config(PPOConfig, cli={**base, "gradient_accumulation_steps": 4})
+    with pytest.raises(ConfigError, match="multiple of"):
+        build_config(PPOConfig, cli={**base, "per_device_training_batch_size": 3})

@@ -68,3 +68,15 @@ def test_running_moments_hand_values():
     resumed = RunningMoments()
     resumed.load_state_dict(rm.state_dict())
     assert (resumed.count, resumed.mean, resumed.var) == (rm.count, rm.mean, rm.var)
+
+
+def test_running_moments_from_moments_equals_update():
+    from chatrl.rl import RunningMoments
+
+    a, b = RunningMoments(), RunningMoments()
+    g = torch.Generator().manual_seed(1)
+    for n in (5, 1, 7):
+        x = torch.randn(n, generator=g, dtype=torch.float64) * 3 + 2
+        a.update(x)
+        b.update_from_moments(float(n), x.sum().item(), x.square().sum().item())
+    assert b.count == a.count and b.mean == pytest.approx(a.mean) and b.std == pytest.approx(a.std)

@@ -132,3 +132,21 @@ def test_sequence_logprobs():
     mask = torch.tensor([[1.0, 1, 0], [1.0, 0, 1]])
     # -1 - 2 = -3 ; -0.5 - 4 = -4.5 (the -inf is masked out)
     torch.testing.assert_close(sequence_logprobs(lp, mask), torch.tensor([-3.0, -4.5]))
+
+
+def test_temperature_divides_after_the_fp32_upcast():
+    """bf16 logits / T rounded in bf16 shift log-probs by ~1e-2; the sampling policy is
+    softmax(fp32(logits) / T), which the rollout's log-probs use, so the training forward must too."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 7, 300, generator=g) * 4).bfloat16()
+    labels = torch.randint(0, 300, (2, 7), generator=g)
+    T = 0.7
+    exact = torch.log_softmax(logits.float() / T, -1).gather(-1, labels[..., None])[..., 0]
+    got = gather_logprobs(logits, labels, temperature=T)
+    assert torch.allclose(got, exact, atol=1e-5), (got - exact).abs().max()
+    rounded = gather_logprobs(logits / T, labels)  # dividing in bf16 first
+    assert (rounded - exact).abs().max() > 1e-3
+    ent = entropy_from_logits(logits, temperature=T)
+    p = torch.softmax(logits.float() / T, -1)
+    assert torch.allclose(ent, -(p * torch.log(p)).sum(-1), atol=1e-4)
+    assert torch.equal(gather_logprobs(logits, labels, temperature=1.0), gather_logprobs(logits, labels))

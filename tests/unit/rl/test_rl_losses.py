@@ -177,3 +177,15 @@ def test_dpo_gradient_flows_to_policy_only():
     g = -0.1 / (1 + math.exp(0.2))
     assert pc.grad.item() == pytest.approx(g, abs=1e-7)
     assert pr.grad.item() == pytest.approx(-g, abs=1e-7)
+
+
+def test_policy_loss_huge_log_ratio_stays_finite():
+    """A token whose probability collapsed between rollout and update (log-ratio +-1000) must not
+    give an inf ratio, an inf/nan loss or nan gradients: the log-ratio is clamped before exp."""
+    new = torch.tensor([[0.0, -1.0, -2.0]], requires_grad=True)
+    old = torch.tensor([[-1000.0, -1.0, 998.0]])
+    adv = torch.tensor([[-1.0, 1.0, 1.0]])
+    loss, stats = policy_loss(new, old, adv, torch.ones(1, 3))
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(new.grad).all()
+    assert math.isfinite(stats["ratio_mean"].item())

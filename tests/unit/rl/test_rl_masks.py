@@ -127,3 +127,27 @@ def test_last_token_values():
     values = torch.tensor([[0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0]])
     mask = torch.tensor([[1.0, 1, 0, 0], [1.0, 1, 1, 1]])
     torch.testing.assert_close(last_token_values(values, mask), torch.tensor([0.2, 4.0]))
+
+
+def test_whiten_from_summed_moments_equals_whitening_the_concatenation():
+    """PPO whitens over every rollout batch of an update and every rank: summing the batches'
+    (count, sum, sum of squares) and whitening each batch with the total equals whitening all of
+    them at once; whitening one answer alone would make its advantages sum to 0."""
+    from chatrl.rl import masked_moments, whiten_from_moments
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(1, n, generator=g, dtype=torch.float64) + k for k, n in enumerate((3, 5, 2, 4))]
+    ms = [(torch.arange(x.shape[1]) < x.shape[1] - k % 2).double()[None] for k, x in enumerate(xs)]
+    width = max(x.shape[1] for x in xs)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    whole = whiten(torch.cat([pad(x) for x in xs]), torch.cat([pad(m) for m in ms]))
+    total = sum(masked_moments(x, m) for x, m in zip(xs, ms))
+    assert total[0].item() == sum(m.sum().item() for m in ms)
+    for i, (x, m) in enumerate(zip(xs, ms)):
+        w = whiten_from_moments(x, m, total)
+        assert torch.allclose(w, whole[i:i + 1, :x.shape[1]], atol=1e-12)
+        assert abs(w.sum().item()) > 0.1  # each answer keeps its own level
+        assert abs(whiten(x, m).sum().item()) < 1e-9  # alone, it would sum to 0
+    # hand values: [1, 2, 3] -> mean 2, unbiased var 1
+    w = whiten_from_moments(torch.tensor([[1.0, 2.0, 3.0]]), torch.ones(1, 3), torch.tensor([3.0, 6.0, 14.0]))
+    assert torch.allclose(w, torch.tensor([[-1.0, 0.0, 1.0]]), atol=1e-6)

@@ -38,8 +38,19 @@ def lora_targets(model: nn.Module, module_filter: str = "") -> list[str]:
 
 def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, module_filter: str = "",
                dropout: float = 0.0, only_optimize: bool = False) -> nn.Module:
-    """Inject LoRA adapters of `rank` into the linear layers selected by `module_filter`."""
+    """Inject LoRA adapters of `rank` into the linear layers selected by `module_filter`.
+
+    Trainable afterwards (DeepSpeed-Chat's meaning of its flags):
+    - `only_optimize=False`: every weight that trained before (base weights, embeddings, norms, a
+      reward model's value head) plus the adapters;
+    - `only_optimize=True`: the adapters, and a reward model's value head (it is new: a frozen
+      random head would make the reward meaningless); nothing else.
+    PEFT's injection alone freezes every non-adapter weight, so both cases are set here.
+    """
     from peft import LoraConfig, inject_adapter_in_model
+
+    # Names change on injection (`q_proj.weight` -> `q_proj.base_layer.weight`): keep the objects.
+    trainable_before = {id(p) for p in model.parameters() if p.requires_grad}
 
     targets = lora_targets(model, module_filter)
     if not targets:
@@ -51,10 +62,11 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, module_f
                         target_modules=targets, lora_dropout=dropout, bias="none",
                         fan_in_fan_out=any(type(m).__name__ == "Conv1D" for m in model.modules()))
     model = inject_adapter_in_model(config, model)
-    if only_optimize:
-        for name, p in model.named_parameters():
-            # The reward model's value head is new: it always trains.
-            p.requires_grad = "lora_" in name or name.startswith("v_head")
+    for name, p in model.named_parameters():
+        if "lora_" in name or name.startswith("v_head."):
+            p.requires_grad_(True)
+        else:
+            p.requires_grad_(not only_optimize and id(p) in trainable_before)
     return model
 
 

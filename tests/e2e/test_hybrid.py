@@ -164,6 +164,56 @@ def test_lora_merged_generation_mode_and_unmerge(inproc, tiny_model_path):
     assert (lp - gen.logprobs).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("only_optimize", [True, False])
+def test_lora_generation_mode_leaves_bf16_base_weights_bit_identical(inproc, tiny_model_path,
+                                                                     only_optimize):
+    """ZeRO 0-2 in bf16: generation mode folds the adapters in and must give the exact base weights
+    back. An in-place merge and unmerge, W <- round(round(W + dW) - dW), is not W in bf16 (50
+    rollouts changed 22% of the frozen base entries), and with --only-optimize-lora nothing ever
+    overwrites the drift."""
+    from chatrl.engine import ds
+    from chatrl.engine.hybrid import GenerationParams, HybridEngine
+    from chatrl.models import load_causal_lm, load_tokenizer
+    from chatrl.models.load import model_inputs
+    from chatrl.models.lora import apply_lora, lora_layers, merged_state_dict
+
+    tok = load_tokenizer(tiny_model_path, padding_side="left")
+    model = load_causal_lm(tiny_model_path, dtype="fp32", dropout=0.0, tokenizer=tok)
+    model = apply_lora(model, 4, only_optimize=only_optimize)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # non-zero adapters of a size that changes most merged entries
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    engine = ds.build_engine(model, ds.EngineSpec(zero_stage=0, dtype="bf16", micro_batch=1))
+    module = engine.module
+    module.train()
+    assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    hybrid = HybridEngine(engine)
+    dev = next(module.parameters()).device
+    enc = tok(["Tell me about the ocean.", "Hi"], return_tensors="pt", padding=True).to(dev)
+    params = GenerationParams(max_new_tokens=2, temperature=1.0, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+    kw = model_inputs(module, enc["input_ids"], enc["attention_mask"])
+    # generation mode computes with W + s * B @ A (folded in fp32, rounded once to bf16): the same
+    # weights the ZeRO-3 inference copy and the saved folder get
+    merged = merged_state_dict(module)
+    for _ in range(8):
+        with hybrid.generation_mode() as backend, torch.no_grad():
+            assert all(m.merged for m in lora_layers(module))
+            got = backend.model(**kw, use_cache=False).logits
+            for n, p in module.named_parameters():
+                if n.endswith("base_layer.weight"):
+                    assert torch.equal(p, merged[n.replace(".base_layer.", ".")]), n
+        hybrid.generate(enc["input_ids"], enc["attention_mask"], params, return_logprobs=True)
+    assert torch.isfinite(got).all()
+    assert all(not m.merged for m in lora_layers(module)) and module.training
+    changed = {n: (p != before[n]).float().mean().item() for n, p in module.named_parameters()
+               if not torch.equal(p, before[n])}
+    assert not changed, f"generation mode changed the weights (share of entries): {changed}"
+
+
 @pytest.mark.parametrize("arch,kv_heads", [("tiny-llama", 2), ("tiny-qwen2", 1)])
 def test_gqa_generation_mode(inproc, arch, kv_heads):
     from chatrl.engine import ds

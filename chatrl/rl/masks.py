@@ -95,7 +95,7 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
         w = w + mu              if not shift_mean  (rescale only, keep the mean)
 
     Masked-out entries are 0 in the output. In multi-rank training the
-    statistics are per rank (as in DeepSpeed-Chat/TRL), not all-reduced.
+    statistics are per rank (as in TRL; DeepSpeed-Chat does not whiten), not all-reduced.
     """
     mu = masked_mean(x, mask)
     var = masked_var(x, mask, unbiased=True)

@@ -49,13 +49,13 @@ class GenerationParams:
         from transformers import GenerationConfig
 
         sample = self.temperature > 0
+        # greedy: the sampling knobs stay unset (Transformers warns about set-but-unused ones)
+        knobs = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k) if sample else {}
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens, min_length=0, do_sample=sample, num_beams=1,
             use_cache=True, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-            temperature=self.temperature if sample else 1.0, top_p=self.top_p if sample else 1.0,
-            top_k=self.top_k if sample else 0, typical_p=1.0, repetition_penalty=1.0,
-            no_repeat_ngram_size=0, epsilon_cutoff=0.0, eta_cutoff=0.0, renormalize_logits=False,
-            return_dict_in_generate=True)
+            typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, epsilon_cutoff=0.0,
+            eta_cutoff=0.0, renormalize_logits=False, return_dict_in_generate=True, **knobs)
 
 
 @dataclass

@@ -135,22 +135,24 @@ def lora_merged(model: nn.Module):
     so ZeRO 0-2 generate with the same weights as the ZeRO-3 inference copy), and the layer is
     marked merged so PEFT does not add the adapter a second time. On exit the exact W is copied
     back from a saved copy: undoing the merge arithmetically, round(round(W + dW) - dW), is not W
-    in bf16 (50 rollouts changed 22% of frozen base entries), nor always in fp32. The saved copy
-    costs the adapted weights' size in memory during generation.
+    in bf16 (issue 8: 50 rollouts changed 22% of the frozen base entries), nor always in fp32.
+    The saved copy costs the adapted weights' size in memory during generation.
     """
     layers = [m for m in lora_layers(model) if not m.merged and "default" in m.lora_A]
-    saved = []
+    merged = []  # (layer, its exact base weight) of every layer folded so far
     try:
         with torch.no_grad():
             for m in layers:
                 w = m.base_layer.weight
-                saved.append(w.detach().clone())
+                w0 = w.detach().clone()
                 w.copy_((w.float() + _delta(m.lora_A["default"].weight,
                                             m.lora_B["default"].weight, m)).to(w.dtype))
+                merged.append((m, w0))
                 m.merged_adapters.append("default")
         yield model
     finally:
         with torch.no_grad():
-            for m, w0 in zip(layers, saved):
+            for m, w0 in merged:
                 m.base_layer.weight.copy_(w0)
-                m.merged_adapters.remove("default")
+                if "default" in m.merged_adapters:
+                    m.merged_adapters.remove("default")

@@ -267,7 +267,7 @@ def launch_zero3(args) -> dict:
 
 def run_hybrid_vs_hf(args, path: str, tok) -> dict:
     from chatrl.engine import ds
-    from chatrl.engine.hybrid import GenerationParams, HybridEngine
+    from chatrl.engine.hybrid import GenerationParams, HybridEngine, hf_generate
     from chatrl.models import load_causal_lm
 
     torch.manual_seed(args.seed)
@@ -283,7 +283,7 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
     def plain():
         module.eval()
         with torch.no_grad():
-            out = module.generate(input_ids=ids, attention_mask=mask, **params.hf_kwargs())
+            out = hf_generate(module, ids, mask, params).sequences
         module.train()
         return out
 

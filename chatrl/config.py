@@ -162,6 +162,9 @@ class DPOConfig(ModelTrainConfig):
     beta: float = opt(0.1, "DPO temperature")
     label_smoothing: float = opt(0.0, "conservative DPO label smoothing")
     ref_model_name_or_path: Optional[str] = opt(None, "reference model (default: the starting model)")
+    dropout: Optional[float] = opt(0.0, "dropout of the trained policy (default 0, as TRL: with dropout "
+                                        "the policy differs from its reference before any update); "
+                                        "null in a config file keeps the model's own")
 
 
 @dataclass
@@ -219,8 +222,12 @@ class PPOConfig(CommonConfig):
     critic_zero_stage: int = opt(0, "ZeRO stage of the critic", choices=(0, 1, 2, 3))
     actor_gradient_checkpointing: bool = opt(False, "gradient checkpointing in the actor")
     critic_gradient_checkpointing: bool = opt(False, "gradient checkpointing in the critic")
-    actor_dropout: Optional[float] = opt(None, "override the actor's dropout")
-    critic_dropout: Optional[float] = opt(None, "override the critic's dropout")
+    actor_dropout: Optional[float] = opt(0.0, "actor dropout (default 0, as TRL: with dropout the "
+                                              "training forward is not the policy that sampled, so "
+                                              "the PPO ratio starts away from 1); null in a "
+                                              "config file keeps the model's own")
+    critic_dropout: Optional[float] = opt(0.0, "critic dropout (default 0); null in a config file keeps "
+                                               "the model's own")
     actor_lora_dim: int = opt(0, "actor LoRA rank (0: off)")
     actor_lora_module_name: str = opt("", "actor LoRA target filter (see --lora-module-name)")
     critic_lora_dim: int = opt(0, "critic LoRA rank (0: off)")
@@ -264,6 +271,10 @@ class PPOConfig(CommonConfig):
                               "(e.g. output/reward-models/default from `chatrl rm`)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        for name in ("actor_dropout", "critic_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
         if self.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
         # Each rollout batch is cut into optimizer steps of micro-batch x accumulation rows. A

@@ -229,6 +229,9 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec):
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_config(spec, world_size()))
+    # from_pretrained returns a model in eval mode and DeepSpeed leaves it so: without this the
+    # dropout flags and gradient checkpointing (active only in training mode) did nothing.
+    engine.train()
     return engine
 
 

@@ -30,6 +30,9 @@ from ..models.lora import has_lora, lora_merged, merged_state_dict
 
 @dataclass(frozen=True)
 class GenerationParams:
+    """The whole rollout sampling policy: nothing else (in particular not the model's own
+    generation_config.json) may change how tokens are drawn, or the samples would come from a
+    different policy than the log-probs PPO trains on."""
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -38,16 +41,21 @@ class GenerationParams:
     pad_token_id: int | None = None
     min_new_tokens: int = 0
 
-    def hf_kwargs(self) -> dict:
+    def generation_config(self):
+        """A `transformers.GenerationConfig` with every knob that shapes the distribution set from
+        these fields (Transformers fills unset ones from the model's config, then from its global
+        defaults, which include top_k=50). min_new_tokens is left out: `hf_generate` applies it
+        as a logits processor after the log-prob recorder."""
+        from transformers import GenerationConfig
+
         sample = self.temperature > 0
-        kw = dict(max_new_tokens=self.max_new_tokens, do_sample=sample, use_cache=True,
-                  eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                  min_new_tokens=self.min_new_tokens or None)
-        if sample:
-            kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
-        else:
-            kw.update(temperature=None, top_p=None, top_k=None)
-        return kw
+        # greedy: the sampling knobs stay unset (Transformers warns about set-but-unused ones)
+        knobs = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k) if sample else {}
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens, min_length=0, do_sample=sample, num_beams=1,
+            use_cache=True, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, epsilon_cutoff=0.0,
+            eta_cutoff=0.0, renormalize_logits=False, return_dict_in_generate=True, **knobs)
 
 
 @dataclass
@@ -66,23 +74,74 @@ class GenerationBackend(Protocol):
     def release(self) -> None: ...
 
 
+class LogprobRecorder:
+    """A logits processor that records log p(sampled token) under softmax(fp32 logits / T).
+
+    Placed first, it sees each step's raw logits (Transformers hands processors an fp32 copy). It
+    keeps that step's log-softmax [batch, vocab] until the next call, whose input_ids end with the
+    token just sampled, gathers that token's entry and drops the rest: one step's distribution is
+    alive at a time, never the [batch, new, vocab] stack of every step's logits.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.pending: torch.Tensor | None = None
+        self.logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.pending is not None:
+            self._gather(input_ids[:, -1])
+        z = scores.float()  # upcast before dividing by the temperature, as the training forward
+        if self.temperature > 0:
+            z = z / self.temperature
+        self.pending = torch.log_softmax(z, dim=-1)
+        return scores
+
+    def _gather(self, tokens: torch.Tensor) -> None:
+        self.logprobs.append(self.pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+        self.pending = None
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[batch, new] log-probs; the last step's token is the last column of `sequences`."""
+        if self.pending is not None:
+            self._gather(sequences[:, -1])
+        if not self.logprobs:
+            return torch.zeros(sequences.shape[0], 0, device=sequences.device)
+        return torch.stack(self.logprobs, dim=1)
+
+
+@contextmanager
+def _own_generation_config(model, config):
+    """generate() fills every unset field from `model.generation_config` (its
+    generation_config.json): for the duration, the model's config is ours."""
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 def hf_generate(model, input_ids, attention_mask, params: GenerationParams,
                 return_logprobs: bool = False, synced_gpus: bool = False) -> Generation:
-    """Transformers generate; optionally the log-prob of each sampled token under the policy
-    softmax(logits / temperature) (top-p/top-k truncation ignored, as in the training forward),
-    which saves PPO a full actor forward."""
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                         return_dict_in_generate=True, output_logits=return_logprobs,
-                         synced_gpus=synced_gpus, **params.hf_kwargs())
+    """Transformers generate under `params` alone; optionally the log-prob of each sampled token
+    under the policy softmax(logits / temperature) (top-p/top-k truncation and min_new_tokens
+    ignored, as in the training forward), which saves PPO a full actor forward."""
+    from transformers import LogitsProcessorList
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+
+    config = params.generation_config()
+    recorder = LogprobRecorder(params.temperature) if return_logprobs else None
+    processors = LogitsProcessorList([recorder] if recorder is not None else [])
+    if params.min_new_tokens and params.eos_token_id is not None:
+        processors.append(MinNewTokensLengthLogitsProcessor(
+            input_ids.shape[1], params.min_new_tokens, params.eos_token_id, device=input_ids.device))
+    with _own_generation_config(model, config):
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                             generation_config=config, logits_processor=processors,
+                             synced_gpus=synced_gpus)
     seq = out.sequences
-    logprobs = None
-    if return_logprobs:
-        new = seq[:, input_ids.shape[1]:]
-        logits = torch.stack(out.logits, dim=1).float()           # [batch, new, vocab]
-        if params.temperature > 0:
-            logits = logits / params.temperature
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-    return Generation(seq, logprobs)
+    return Generation(seq, recorder.finish(seq) if recorder is not None else None)
 
 
 class HFBackend:
@@ -94,9 +153,8 @@ class HFBackend:
     vLLM backend implements the same way.
     """
 
-    def __init__(self, config=None, generation_config=None, device=None):
+    def __init__(self, config=None, device=None):
         self.config = config
-        self.generation_config = generation_config
         self.device = device
         self.model = None
         self._shared = False
@@ -113,8 +171,6 @@ class HFBackend:
             dtype = next(iter(named_tensors.values())).dtype
             with _no_init():  # every weight is overwritten below: skip the random init (~2 s)
                 self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
-            if self.generation_config is not None:
-                self.model.generation_config = self.generation_config
             self.model.to(self.device).eval()
             self._shared = False
         state = self.model.state_dict()
@@ -166,8 +222,7 @@ class HybridEngine:
         self.release_inference_cache = release_inference_cache
         self.gather_once = gather_once
         base = unwrap(actor_engine.module)
-        self.backend = BACKENDS[backend](base.config, base.generation_config,
-                                         next(actor_engine.module.parameters()).device)
+        self.backend = BACKENDS[backend](base.config, next(actor_engine.module.parameters()).device)
 
     @property
     def module(self):

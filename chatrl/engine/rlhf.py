@@ -90,8 +90,11 @@ class RLHFModels:
         # critic + reward
         critic_model = RewardModel.from_pretrained(critic.path, dtype="fp32", dropout=critic.dropout,
                                                    tokenizer=tokenizer)
+        # Frozen models run in eval mode (no dropout whatever their config says); a separate
+        # reward model also gets dropout 0 in its config.
         reward_model = (copy.deepcopy(critic_model) if reward_path == critic.path else
-                        RewardModel.from_pretrained(reward_path, dtype="fp32", tokenizer=tokenizer))
+                        RewardModel.from_pretrained(reward_path, dtype="fp32", dropout=0.0,
+                                                    tokenizer=tokenizer))
         self.critic = engine_for(critic_model, critic, total_steps)
         self.reward = _frozen(reward_model, critic.zero_stage, dtype, offload_reward_model)
         # EMA of the actor: a full fp32 copy on the CPU (bf16 would swallow most updates)

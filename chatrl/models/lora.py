@@ -38,8 +38,19 @@ def lora_targets(model: nn.Module, module_filter: str = "") -> list[str]:
 
 def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, module_filter: str = "",
                dropout: float = 0.0, only_optimize: bool = False) -> nn.Module:
-    """Inject LoRA adapters of `rank` into the linear layers selected by `module_filter`."""
+    """Inject LoRA adapters of `rank` into the linear layers selected by `module_filter`.
+
+    Trainable afterwards (DeepSpeed-Chat's meaning of its flags):
+    - `only_optimize=False`: every weight that trained before (base weights, embeddings, norms, a
+      reward model's value head) plus the adapters;
+    - `only_optimize=True`: the adapters, and a reward model's value head (it is new: a frozen
+      random head would make the reward meaningless); nothing else.
+    PEFT's injection alone freezes every non-adapter weight, so both cases are set here.
+    """
     from peft import LoraConfig, inject_adapter_in_model
+
+    # Names change on injection (`q_proj.weight` -> `q_proj.base_layer.weight`): keep the objects.
+    trainable_before = {id(p) for p in model.parameters() if p.requires_grad}
 
     targets = lora_targets(model, module_filter)
     if not targets:
@@ -51,10 +62,11 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, module_f
                         target_modules=targets, lora_dropout=dropout, bias="none",
                         fan_in_fan_out=any(type(m).__name__ == "Conv1D" for m in model.modules()))
     model = inject_adapter_in_model(config, model)
-    if only_optimize:
-        for name, p in model.named_parameters():
-            # The reward model's value head is new: it always trains.
-            p.requires_grad = "lora_" in name or name.startswith("v_head")
+    for name, p in model.named_parameters():
+        if "lora_" in name or name.startswith("v_head."):
+            p.requires_grad_(True)
+        else:
+            p.requires_grad_(not only_optimize and id(p) in trainable_before)
     return model
 
 
@@ -86,24 +98,27 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, lora_lr: floa
     return [g for g in groups if g["params"]]
 
 
+def _delta(a: torch.Tensor, b: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """scale * B @ A in fp32, laid out like the base weight (transposed for GPT-2's Conv1D)."""
+    delta = (b.float() @ a.float()) * module.scaling["default"]
+    return delta.T if getattr(module, "fan_in_fan_out", False) else delta
+
+
 def merged_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict:
     """State dict with LoRA deltas folded into the base weights and PEFT's names undone.
 
-    `x.base_layer.weight` + scale * B @ A  ->  `x.weight`; lora_* tensors dropped. Works on a
-    given (e.g. gathered) `state_dict` without touching the module.
+    `x.base_layer.weight` + scale * B @ A  ->  `x.weight` (summed in fp32, rounded once to the
+    weight's dtype); lora_* tensors dropped. Works on a given (e.g. gathered) `state_dict` without
+    touching the module.
     """
     sd = dict(model.state_dict() if state_dict is None else state_dict)
     out = {}
     for name, module in model.named_modules():
         if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
             continue
-        a = sd[f"{name}.lora_A.default.weight"].float()
-        b = sd[f"{name}.lora_B.default.weight"].float()
-        delta = (b @ a) * module.scaling["default"]
-        if getattr(module, "fan_in_fan_out", False):
-            delta = delta.T
+        delta = _delta(sd[f"{name}.lora_A.default.weight"], sd[f"{name}.lora_B.default.weight"], module)
         base = sd[f"{name}.base_layer.weight"]
-        out[f"{name}.weight"] = (base.float() + delta).to(base.dtype)
+        out[f"{name}.weight"] = (base.float() + delta.to(base.device)).to(base.dtype)
     for k, v in sd.items():
         if "lora_" in k:
             continue
@@ -114,14 +129,30 @@ def merged_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict:
 
 @contextmanager
 def lora_merged(model: nn.Module):
-    """Fold LoRA adapters into the weights for the duration (generation), then unfold them."""
-    layers = [m for m in lora_layers(model) if not m.merged]
-    with torch.no_grad():
-        for m in layers:
-            m.merge()
+    """Compute with the LoRA adapters folded into the weights for the duration (generation).
+
+    Each adapted layer's weight becomes W + scale * B @ A (the tensors `merged_state_dict` gives,
+    so ZeRO 0-2 generate with the same weights as the ZeRO-3 inference copy), and the layer is
+    marked merged so PEFT does not add the adapter a second time. On exit the exact W is copied
+    back from a saved copy: undoing the merge arithmetically, round(round(W + dW) - dW), is not W
+    in bf16 (issue 8: 50 rollouts changed 22% of the frozen base entries), nor always in fp32.
+    The saved copy costs the adapted weights' size in memory during generation.
+    """
+    layers = [m for m in lora_layers(model) if not m.merged and "default" in m.lora_A]
+    merged = []  # (layer, its exact base weight) of every layer folded so far
     try:
+        with torch.no_grad():
+            for m in layers:
+                w = m.base_layer.weight
+                w0 = w.detach().clone()
+                w.copy_((w.float() + _delta(m.lora_A["default"].weight,
+                                            m.lora_B["default"].weight, m)).to(w.dtype))
+                merged.append((m, w0))
+                m.merged_adapters.append("default")
         yield model
     finally:
         with torch.no_grad():
-            for m in layers:
-                m.unmerge()
+            for m, w0 in merged:
+                m.base_layer.weight.copy_(w0)
+                if "default" in m.merged_adapters:
+                    m.merged_adapters.remove("default")

@@ -126,7 +126,8 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
 
     Masked-out entries are 0 in the output. To whiten over several batches or
     ranks at once (PPO whitens over the whole update, all ranks), sum their
-    :func:`masked_moments` and use :func:`whiten_from_moments`.
+    :func:`masked_moments` and use :func:`whiten_from_moments` (TRL whitens per
+    rank; DeepSpeed-Chat does not whiten).
     """
     mu = masked_mean(x, mask)
     var = masked_var(x, mask, unbiased=True)

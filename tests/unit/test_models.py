@@ -208,6 +208,23 @@ def test_lora_merged_state_dict_equals_merge_in_place(arch, tiny_paths):
         assert torch.allclose(x, with_adapters, atol=1e-5, rtol=1e-4), (name, (x - with_adapters).abs().max())
 
 
+@pytest.mark.parametrize("only_optimize", [False, True])
+def test_lora_trainable_parameters(tiny_model_path, only_optimize):
+    """DeepSpeed-Chat's meaning of --lora-dim: LoRA alone adds adapters and everything still trains
+    (base weights, embeddings, norms, the value head); --only-optimize-lora trains the adapters and
+    a reward model's (new) value head only. PEFT's injection freezes every non-adapter weight, which
+    left `chatrl rm --lora-dim N` training adapters under a random, frozen value head."""
+    rm = apply_lora(RewardModel.from_pretrained(tiny_model_path), rank=4, only_optimize=only_optimize)
+    lm = apply_lora(load_causal_lm(tiny_model_path), rank=4, only_optimize=only_optimize)
+    for model, head in ((rm, {"v_head.weight"}), (lm, set())):
+        names = {n for n, _ in model.named_parameters()}
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        adapters = {n for n in names if "lora_" in n}
+        assert adapters and head <= names
+        expected = adapters | head if only_optimize else names
+        assert trainable == expected, (type(model).__name__, sorted(trainable ^ expected)[:6])
+
+
 def test_only_optimize_lora_freezes_the_base_but_not_the_value_head(tiny_model_path):
     rm = apply_lora(RewardModel.from_pretrained(tiny_model_path), rank=2, only_optimize=True)
     trainable = {n for n, p in rm.named_parameters() if p.requires_grad}

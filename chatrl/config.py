@@ -74,6 +74,10 @@ class CommonConfig:
     # --- logging
     enable_tensorboard: bool = opt(True, "write TensorBoard logs under <output_dir>/tensorboard")
     tensorboard_path: Optional[str] = opt(None, "TensorBoard folder (default <output_dir>/tensorboard)")
+    report_to: str = opt("tensorboard,jsonl", "where metrics go besides metrics.jsonl (always "
+                                              "written): comma-separated tensorboard, wandb, jsonl, or none")
+    wandb_project: Optional[str] = opt(None, "W&B project with --report-to wandb (default: "
+                                             "$WANDB_PROJECT, else chatrl)")
     print_loss: bool = opt(False, "print the loss of every step")
     log_interval: int = opt(1, "log metrics every N optimizer steps")
     progress: bool = opt(True, "show progress bars")
@@ -95,6 +99,9 @@ class CommonConfig:
         if self.data_weights is not None and len(self.data_weights) != len(self.data_path):
             raise ConfigError(f"--data-weights has {len(self.data_weights)} values for "
                               f"{len(self.data_path)} --data-path sources; give one weight per source")
+        from .tracking import check_report_to
+
+        check_report_to(self.report_to)
         for name in ("log_interval",):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

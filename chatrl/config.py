@@ -253,6 +253,9 @@ class PPOConfig(CommonConfig):
     ema_beta: float = opt(0.992, "EMA decay")
     print_answers: bool = opt(False, "print sampled prompts and answers")
     print_answers_interval: int = opt(1, "print answers every N iterations")
+    log_rollouts_interval: int = opt(0, "every N iterations write <output_dir>/rollouts/iter_N.jsonl "
+                                        "(tokens, log-probs, KL, values, advantages, rewards) for "
+                                        "`chatrl inspect`; 0: never")
     enable_test_mode: bool = opt(False, "stop after --test-stop-step iterations")
     test_stop_step: int = opt(0, "iterations to run in test mode")
 

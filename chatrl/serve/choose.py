@@ -53,7 +53,10 @@ def unique_names(paths: list[str]) -> list[str]:
 
 
 class ModelSet(dict):
-    """The models served, {name: ChatModel}, in order; `.name` is the default (the first)."""
+    """The models served, {name: ChatModel}, in order; `.name` is the default (the first);
+    `.names` maps each path as given to its model's name."""
+
+    names: dict[str, str]
 
     @property
     def name(self) -> str:
@@ -84,6 +87,7 @@ def load_models(paths: list[str] | None, model_name: str | None = None, *, dtype
                           f"({', '.join(paths)}); leave it out: each model is named after its folder")
     names = [model_name] if model_name else unique_names(paths)
     models = ModelSet()
+    models.names = dict(zip(paths, names))
     for name, path in zip(names, paths):
         announce(f"Loading model {path!r} ...")
         model = ChatModel.load(path, dtype=dtype, template=template, device=device)

@@ -490,6 +490,8 @@ def serve(path: str | list[str] | None, host: str = "127.0.0.1", port: int = 800
         if web is not None:
             from .web import add_web_ui
 
+            if web.get("compare"):  # paths -> the names they are served under
+                web = {**web, "compare": [chat_model.names[str(p)] for p in web["compare"]]}
             add_web_ui(app, api_key=api_key, **web)
             print(f"Web page: http://{host}:{bound}/ (chat, compare, label; votes go to "
                   f"{app.state.labels.path})", flush=True)

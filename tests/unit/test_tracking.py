@@ -103,3 +103,10 @@ def test_wandb_offline_gets_the_jsonl_metrics(tmp_path):
         config.update({u.key: json.loads(u.value_json) for u in updates})
     assert config["max_steps"] == 3 and config["report_to"] == "tensorboard,wandb,jsonl"
     assert config["output_dir"] == str(out)
+
+
+def test_train_passes_report_to_to_every_step():
+    from chatrl.pipeline import build_parser, plan_steps
+
+    plans = plan_steps(build_parser().parse_args(["--actor-model", "tiny", "--report-to", "jsonl"]))
+    assert {name: p.report_to for name, p in plans.items()} == {"sft": "jsonl", "rm": "jsonl", "ppo": "jsonl"}

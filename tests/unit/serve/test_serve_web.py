@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -44,13 +45,13 @@ def second_model_path(lively_model_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(lively_model_path, second_model_path, tmp_path_factory):
-    """`python -m chatrl serve --path A --path B --api-key K --labels FILE --prompts FILE --port 0`."""
+    """`python -m chatrl serve --compare A B --api-key K --labels FILE --prompts FILE --port 0`."""
     folder = tmp_path_factory.mktemp("labels")
     prompts = folder / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     labels = folder / "prefs.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chatrl", "serve", "--path", lively_model_path, "--path", second_model_path,
+        [sys.executable, "-m", "chatrl", "serve", "--compare", lively_model_path, second_model_path,
          "--port", "0", "--api-key", KEY, "--labels", str(labels), "--prompts", str(prompts),
          "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -151,8 +152,8 @@ def test_compare_vote_three_times_then_train_rm(served, browser, tmp_path):
     assert "prompt 1 of 3" in browser.find_element("id", "session-text").text
     fill(browser, "max-tokens", "16")
     a, b = served["models"]
-    assert {browser.find_element("id", "cmp-model-a").get_attribute("value"),
-            browser.find_element("id", "cmp-model-b").get_attribute("value")} == {a, b}
+    assert [browser.find_element("id", "cmp-model-a").get_attribute("value"),
+            browser.find_element("id", "cmp-model-b").get_attribute("value")] == [a, b]  # --compare A B
 
     shown = []
     for i, verdict in enumerate(["left", "right", "left"]):
@@ -372,3 +373,39 @@ def test_full_queue_is_shown_in_the_page(live_server, browser, tmp_path):
         assert error_text(browser).startswith("Server busy (503): the server is busy")
         model.release.set()
         assert running.result(60).status_code == 200 and waiting.result(60).status_code == 200
+
+
+class EndlessModel:
+    """Talks until the server closes its generator (the Stop button, via the dropped request)."""
+
+    template = "chat"
+
+    def __init__(self):
+        self.closed = threading.Event()
+
+    def stream(self, messages, **settings):
+        def gen():
+            try:
+                while True:
+                    time.sleep(0.02)
+                    yield "word "
+            finally:
+                self.closed.set()
+        return gen()
+
+
+def test_stop_button_ends_the_answer(live_server, browser, tmp_path):
+    model = EndlessModel()
+    app = add_web_ui(create_app(model, "endless"), api_key=None, labels=tmp_path / "p.jsonl")
+    with live_server(app) as srv:
+        browser.get(srv.url + "/")
+        wait_js(browser, "document.body.dataset.ready === '1'")
+        fill(browser, "chat-input", "go on")
+        browser.find_element("id", "chat-send").click()
+        wait_js(browser, "document.querySelector('#chat-log .msg.assistant .text')?.textContent.startsWith('word word')")
+        browser.find_element("id", "chat-stop").click()
+        wait_js(browser, "document.querySelector('#chat-log .msg.assistant')?.dataset.finish === 'stopped'")
+        assert model.closed.wait(30), "the server kept generating after Stop"
+        text = text_of(browser, "#chat-log .msg.assistant .text")
+        assert text.startswith("word word") and text.endswith("[stopped]") and error_text(browser) == ""
+        assert not browser.find_element("id", "chat-send").get_attribute("disabled")  # ready again

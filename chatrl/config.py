@@ -99,12 +99,12 @@ class CommonConfig:
         if self.data_weights is not None and len(self.data_weights) != len(self.data_path):
             raise ConfigError(f"--data-weights has {len(self.data_weights)} values for "
                               f"{len(self.data_path)} --data-path sources; give one weight per source")
-        from .tracking import check_report_to
-
-        check_report_to(self.report_to)
         for name in ("log_interval",):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        from .tracking import check_report_to
+
+        check_report_to(self.report_to)  # wandb installed if asked for, before any weights load
 
 
 @dataclass

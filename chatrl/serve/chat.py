@@ -136,6 +136,24 @@ def run_chat(path: str | ChatModel, max_new_tokens: int = 128, temperature: floa
     return 0
 
 
+def chat_main(args: argparse.Namespace) -> int:
+    """Run `chatrl chat` from parsed `add_chat_args` flags; returns the exit code."""
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # imported by Transformers; not chat news
+    path = args.path
+    if path is None:
+        path, why = default_model_path()
+        announce(f"No --path given: using {why}.")
+    on_prompt = None
+    if args.show_prompt:
+        def on_prompt(prompt: str) -> None:
+            sys.stderr.write(f"--- prompt ---\n{prompt}\n--- end prompt ---\n")
+            sys.stderr.flush()
+    with held_warnings():
+        return run_chat(path, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, template=args.template, dtype=args.dtype, device=args.device,
+                        system=args.system, seed=args.seed, on_prompt=on_prompt)
+
+
 def load_for_chat(path: str, **kwargs) -> ChatModel:
     """Load a model, saying so first: a big model takes a while and the terminal must not look
     dead (the line goes to stderr, so a piped transcript stays the conversation alone)."""
@@ -164,24 +182,6 @@ def held_warnings(stream: TextIO = sys.stderr):
             stream.write(f"({len(held)} library warning{'s' * (len(held) > 1)} held back during the chat:)\n"
                          + "".join(f"  {w}\n" for w in held))
             stream.flush()
-
-
-def chat_main(args: argparse.Namespace) -> int:
-    """Run `chatrl chat` from parsed `add_chat_args` flags; returns the exit code."""
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # imported by Transformers; not chat news
-    path = args.path
-    if path is None:
-        path, why = default_model_path()
-        announce(f"No --path given: using {why}.")
-    on_prompt = None
-    if args.show_prompt:
-        def on_prompt(prompt: str) -> None:
-            sys.stderr.write(f"--- prompt ---\n{prompt}\n--- end prompt ---\n")
-            sys.stderr.flush()
-    with held_warnings():
-        return run_chat(path, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, template=args.template, dtype=args.dtype, device=args.device,
-                        system=args.system, seed=args.seed, on_prompt=on_prompt)
 
 
 def main(argv: list[str] | None = None) -> int:

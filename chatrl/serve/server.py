@@ -42,8 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ChatRLError
 from .chat import add_generation_args
-from .choose import load_models
-from .generation import Completion
+from .generation import ChatModel, Completion
 
 log = logging.getLogger("chatrl.serve")
 API_DOCS = "https://platform.openai.com/docs/api-reference/chat/create"
@@ -301,8 +300,8 @@ def create_app(chat_model, model_name: str, api_key: str | None = None, max_queu
             await asyncio.to_thread(w.stop)
 
     app = FastAPI(title="chatrl", description="OpenAI-compatible chat API", lifespan=lifespan)
-    app.state.worker = worker
     app.state.workers = workers
+    app.state.worker = worker
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
@@ -478,6 +477,8 @@ def serve(path: str | list[str] | None, host: str = "127.0.0.1", port: int = 800
         raise ChatRLError(f"--port {port} is not a TCP port; use 1-65535, e.g. 8000")
     sock = bind_socket(host, port)  # fail before spending time on the model
     try:
+        from .choose import load_models
+
         chat_model = load_models([path] if isinstance(path, str) else path, model_name, dtype=dtype,
                                  template=template, device=device)
         name = model_name or chat_model.name

@@ -26,7 +26,6 @@ from ..engine.flops import matmul_params, train_flops
 from ..errors import DataError
 from ..logging import MetricsLogger, progress, write_line
 from ..models import load_tokenizer, resolve_model_path
-from ..tracking import open_trackers, parse_report_to
 
 
 @dataclass
@@ -59,6 +58,8 @@ def start_run(cfg, name: str) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         C.save_config(cfg, out / "run_config.yaml")
     ds.barrier()
+    from ..tracking import open_trackers, parse_report_to
+
     logger = MetricsLogger(out, name, tensorboard=cfg.enable_tensorboard and "tensorboard" in
                            parse_report_to(cfg.report_to),
                            tensorboard_path=cfg.tensorboard_path, console=cfg.print_loss)

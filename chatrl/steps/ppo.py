@@ -38,7 +38,6 @@ from ..rl import (AdaptiveKLController, FixedKLController, RunningMoments, entro
                   gae_advantages, gather_logprobs, kl_penalty, kl_shaped_rewards, masked_mean,
                   masked_moments, policy_loss, response_mask, sft_loss, value_loss,
                   whiten_from_moments)
-from ..rollouts import log_rollouts
 from . import common
 
 
@@ -562,6 +561,8 @@ def run_ppo(cfg) -> Path:
             if cfg.print_answers and it % cfg.print_answers_interval == 0:
                 print_answers(exps[0], tokenizer, it)
             if cfg.log_rollouts_interval and it % cfg.log_rollouts_interval == 0 and ds.is_main():
+                from ..rollouts import log_rollouts
+
                 log_rollouts(run.out_dir, it, exps, tokenizer)  # for `chatrl inspect`
             if cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0 and it < n_iters:
                 nxt = (epoch, g + 1) if g + 1 < len(groups) else (epoch + 1, 0)

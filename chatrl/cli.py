@@ -4,7 +4,8 @@
     chatrl sft|rm|ppo|dpo [flags] one step (every option of the step; --config, --preset, key=value)
     chatrl eval reward|prompts    score pairs with a reward model / compare answers of two models
     chatrl chat --path MODEL      terminal chat
-    chatrl serve --path MODEL     OpenAI-compatible HTTP server + web page (chat, compare, label)
+    chatrl serve --path MODEL     OpenAI-compatible HTTP server
+                                  + a web page at / (chat, compare two models, label answers)
     chatrl inspect RUN_DIR        rollout inspector of a step-3 run (--html FILE: write one page)
 
 Errors caused by the user's input print one line and exit with status 2.

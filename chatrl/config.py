@@ -92,6 +92,9 @@ class CommonConfig:
     def validate(self) -> None:
         if self.output_dir is None:
             raise ConfigError("--output-dir is required (where the trained model is written)")
+        from .tracking import check_report_to
+
+        check_report_to(self.report_to)  # wandb installed if asked for, before any weights load
         parts = str(self.data_split).split(",")
         if len(parts) != 3:
             raise ConfigError(f'--data-split "{self.data_split}" has {len(parts)} parts; it needs 3, '
@@ -102,9 +105,6 @@ class CommonConfig:
         for name in ("log_interval",):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        from .tracking import check_report_to
-
-        check_report_to(self.report_to)  # wandb installed if asked for, before any weights load
 
 
 @dataclass

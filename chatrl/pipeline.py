@@ -120,11 +120,9 @@ def plan_steps(args) -> dict[str, object]:
     reward = args.reward_model or (from_files("rm") if not args.actor_model else None) or actor
     sft_dir = C.default_output_dir("sft", actor, root)
     rm_dir = C.default_output_dir("rm", reward, root)
-    common = {"resume": True}
+    common = {"resume": True, **({"report_to": args.report_to} if args.report_to else {})}
     if args.data_path:
         common["data_path"] = args.data_path
-    if args.report_to:
-        common["report_to"] = args.report_to
     cli = {
         "sft": {**common, "model_name_or_path": actor, "output_dir": sft_dir,
                 **({"zero_stage": args.actor_zero_stage} if args.actor_zero_stage is not None else {})},

@@ -5,6 +5,8 @@
     chatrl eval reward|prompts    score pairs with a reward model / compare answers of two models
     chatrl chat --path MODEL      terminal chat
     chatrl serve --path MODEL     OpenAI-compatible HTTP server
+                                  + a web page at / (chat, compare two models, label answers)
+    chatrl inspect RUN_DIR        rollout inspector of a step-3 run (--html FILE: write one page)
 
 Errors caused by the user's input print one line and exit with status 2.
 """
@@ -84,6 +86,10 @@ def dispatch(argv: list[str]) -> int:
         from .pipeline import train_main
 
         return train_main(rest)
+    if cmd == "inspect":
+        from .inspector import inspect_main
+
+        return inspect_main(rest)
     if cmd == "eval":
         from .evaluate import eval_main
 

@@ -74,6 +74,10 @@ class CommonConfig:
     # --- logging
     enable_tensorboard: bool = opt(True, "write TensorBoard logs under <output_dir>/tensorboard")
     tensorboard_path: Optional[str] = opt(None, "TensorBoard folder (default <output_dir>/tensorboard)")
+    report_to: str = opt("tensorboard,jsonl", "where metrics go besides metrics.jsonl (always "
+                                              "written): comma-separated tensorboard, wandb, jsonl, or none")
+    wandb_project: Optional[str] = opt(None, "W&B project with --report-to wandb (default: "
+                                             "$WANDB_PROJECT, else chatrl)")
     print_loss: bool = opt(False, "print the loss of every step")
     log_interval: int = opt(1, "log metrics every N optimizer steps")
     progress: bool = opt(True, "show progress bars")
@@ -88,6 +92,9 @@ class CommonConfig:
     def validate(self) -> None:
         if self.output_dir is None:
             raise ConfigError("--output-dir is required (where the trained model is written)")
+        from .tracking import check_report_to
+
+        check_report_to(self.report_to)  # wandb installed if asked for, before any weights load
         parts = str(self.data_split).split(",")
         if len(parts) != 3:
             raise ConfigError(f'--data-split "{self.data_split}" has {len(parts)} parts; it needs 3, '
@@ -253,6 +260,9 @@ class PPOConfig(CommonConfig):
     ema_beta: float = opt(0.992, "EMA decay")
     print_answers: bool = opt(False, "print sampled prompts and answers")
     print_answers_interval: int = opt(1, "print answers every N iterations")
+    log_rollouts_interval: int = opt(0, "every N iterations write <output_dir>/rollouts/iter_N.jsonl "
+                                        "(tokens, log-probs, KL, values, advantages, rewards) for "
+                                        "`chatrl inspect`; 0: never")
     enable_test_mode: bool = opt(False, "stop after --test-stop-step iterations")
     test_stop_step: int = opt(0, "iterations to run in test mode")
 

@@ -23,6 +23,7 @@ class MetricsLogger:
         self.step_name = step_name
         self._tb = None
         self._file = None
+        self.trackers: list = []  # --report-to wandb... (chatrl/tracking.py), set by start_run
         if not self.main:
             return
         out_dir = Path(out_dir)
@@ -58,6 +59,8 @@ class MetricsLogger:
             for k, v in clean.items():
                 if isinstance(v, float) and math.isfinite(v):
                     self._tb.add_scalar(f"{self.step_name}/{k}", v, step)
+        for tracker in self.trackers:
+            tracker.log(step, clean, kind)
         if self.console:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in clean.items())
             write_line(f"[{self.step_name} {kind} {step}] {shown}")
@@ -67,6 +70,9 @@ class MetricsLogger:
             self._file.close()
         if self._tb:
             self._tb.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def write_line(text: str) -> None:

@@ -54,6 +54,9 @@ def build_parser(prog: str = "chatrl train") -> argparse.ArgumentParser:
     p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for multi-node runs")
     p.add_argument("--data-path", "--data_path", dest="data_path", nargs="+", default=None,
                    help="datasets for all steps (default: the preset's, the demo task)")
+    p.add_argument("--report-to", "--report_to", dest="report_to", default=None,
+                   help="metrics trackers for every step: tensorboard,wandb,jsonl (default "
+                        "tensorboard,jsonl; metrics.jsonl is always written)")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip the final report")
     p.add_argument("--report-prompts", type=int, default=32, help="held-out prompts in the report")
     p.add_argument("--restart", action="store_true", help="redo finished steps instead of skipping")
@@ -117,7 +120,7 @@ def plan_steps(args) -> dict[str, object]:
     reward = args.reward_model or (from_files("rm") if not args.actor_model else None) or actor
     sft_dir = C.default_output_dir("sft", actor, root)
     rm_dir = C.default_output_dir("rm", reward, root)
-    common = {"resume": True}
+    common = {"resume": True, **({"report_to": args.report_to} if args.report_to else {})}
     if args.data_path:
         common["data_path"] = args.data_path
     cli = {

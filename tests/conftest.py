@@ -30,3 +30,42 @@ def tiny_tokenizer(tiny_model_path):
     from chatrl.models import load_tokenizer
 
     return load_tokenizer(tiny_model_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real headless browser for the web page tests: Debian's chromium + chromedriver, driven by
+# Selenium (.ci/run installs both). Offline: no browser download, no background networking.
+
+CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+CHROMEDRIVER = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
+
+
+def _first(paths):
+    return next((p for p in paths if os.path.exists(p)), None)
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    """A headless Chromium (Selenium WebDriver), closed after the test; skipped, saying what
+    is missing, where no browser can be installed."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("browser tests need the selenium package: pip install -e '.[test]'")
+    binary, driver_path = _first(CHROMIUM), _first(CHROMEDRIVER)
+    if binary is None or driver_path is None:
+        pytest.skip("browser tests need Chromium and its driver: apt-get install -y chromium "
+                    "chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1280,900", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()

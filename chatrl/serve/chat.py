@@ -10,20 +10,31 @@ DeepSpeed-Chat's `chat.py --path <actor> --max_new_tokens 128` works as is.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import warnings
+from contextlib import contextmanager
 from typing import Callable, TextIO
 
 from ..errors import ChatRLError
+from .choose import announce, default_model_path, display_name
 from .generation import ChatModel, check_sampling
 
 HELP = "Commands: /reset clears the conversation, /quit leaves (so do Ctrl-D and Ctrl-C)."
 
 
-def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
-    """Flags shared by chat and serve: which model, how to load it, how to decode."""
-    parser.add_argument("--path", "--model", "--model_name_or_path", dest="path", required=True,
+def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int = 128,
+                        several: bool = False) -> None:
+    """Flags shared by chat and serve: which model, how to load it, how to decode.
+    several: --path may be repeated (serve)."""
+    parser.add_argument("--path", "--model", "--model_name_or_path", dest="path", default=None,
+                        action="append" if several else "store",
                         help="model folder (e.g. the actor saved by `chatrl train`), a .gguf file, "
-                             "a hub id, or 'tiny' for a tiny random test model")
+                             "a hub id, or 'tiny' for a tiny random test model"
+                             + ("; repeat it to serve several models" if several else "")
+                             + ". Default: the newest model `chatrl train` wrote under ./output, "
+                               "else the embedded default model")
     parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int,
                         default=max_new_tokens, help=f"longest answer in tokens (default {max_new_tokens})")
     parser.add_argument("--temperature", type=float, default=0.7,
@@ -81,7 +92,7 @@ def run_chat(path: str | ChatModel, max_new_tokens: int = 128, temperature: floa
         return line if line else None
 
     try:
-        model = path if isinstance(path, ChatModel) else ChatModel.load(
+        model = path if isinstance(path, ChatModel) else load_for_chat(
             path, dtype=dtype, template=template, device=device)
         say(f"Chatting with {model.name} ({model.template} format). {HELP}")
         while True:
@@ -127,14 +138,50 @@ def run_chat(path: str | ChatModel, max_new_tokens: int = 128, temperature: floa
 
 def chat_main(args: argparse.Namespace) -> int:
     """Run `chatrl chat` from parsed `add_chat_args` flags; returns the exit code."""
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # imported by Transformers; not chat news
+    path = args.path
+    if path is None:
+        path, why = default_model_path()
+        announce(f"No --path given: using {why}.")
     on_prompt = None
     if args.show_prompt:
         def on_prompt(prompt: str) -> None:
             sys.stderr.write(f"--- prompt ---\n{prompt}\n--- end prompt ---\n")
             sys.stderr.flush()
-    return run_chat(args.path, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_p=args.top_p, template=args.template, dtype=args.dtype, device=args.device,
-                    system=args.system, seed=args.seed, on_prompt=on_prompt)
+    with held_warnings():
+        return run_chat(path, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, template=args.template, dtype=args.dtype, device=args.device,
+                        system=args.system, seed=args.seed, on_prompt=on_prompt)
+
+
+def load_for_chat(path: str, **kwargs) -> ChatModel:
+    """Load a model, saying so first: a big model takes a while and the terminal must not look
+    dead (the line goes to stderr, so a piped transcript stays the conversation alone)."""
+    announce(f"Loading model {path!r} ...")
+    model = ChatModel.load(path, **kwargs)
+    model.name = display_name(path)
+    return model
+
+
+@contextmanager
+def held_warnings(stream: TextIO = sys.stderr):
+    """Keep Python warnings (libraries' deprecation notices...) out of the conversation: hold
+    them, and print each distinct one once when the chat ends."""
+    held: dict[str, None] = {}
+    shown = warnings.showwarning
+
+    def hold(message, category, filename, lineno, file=None, line=None):
+        held[f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})"] = None
+
+    warnings.showwarning = hold
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+        if held:
+            stream.write(f"({len(held)} library warning{'s' * (len(held) > 1)} held back during the chat:)\n"
+                         + "".join(f"  {w}\n" for w in held))
+            stream.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ A ChatModel is not thread-safe: chat uses it from one thread, the server from on
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Generator, Iterable, Sequence
@@ -150,6 +151,10 @@ class ChatModel:
         self.context_length = (getattr(model.config, "max_position_embeddings", None)
                                or getattr(model.config, "n_positions", None))
         self.default_stops = PLAIN_STOPS if template == "plain" else ()
+        # The KV cache argument: Transformers 5 renamed `past_key_values` to `cache` (the old
+        # name warns, in the middle of the first answer); older versions know only the old one.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
     def load(cls, path: str, dtype: str = "fp32", template: str = "auto",
@@ -241,16 +246,16 @@ class ChatModel:
         # emit the text that is now settled; 4. stop on EOS, a stop string or the length limit.
         ids = torch.tensor([prompt_ids], device=self.device)
         attention = torch.ones_like(ids)
-        past = None
+        cache = None  # the model makes its own (a DynamicCache that knows its layer types)
         new_ids: list[int] = []
         emitted = ""
         finish = "length"
         generated = 0  # tokens sampled, the final EOS included (what the client is billed for)
         with torch.inference_mode():
             for _ in range(max_new_tokens):
-                out = self.model(input_ids=ids, attention_mask=attention, past_key_values=past,
-                                 use_cache=True)
-                past = out.past_key_values
+                out = self.model(input_ids=ids, attention_mask=attention, use_cache=True,
+                                 **{self._cache_arg: cache})
+                cache = getattr(out, self._cache_arg)
                 token = self._next_token(out.logits[0, -1], temperature, top_p, do_sample, rng)
                 generated += 1
                 if token in self.eos_ids:

@@ -274,21 +274,33 @@ def create_app(chat_model, model_name: str, api_key: str | None = None, max_queu
                max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9) -> FastAPI:
     """The FastAPI app serving `chat_model` (a ChatModel, or anything with its `stream`).
 
+    Several models: pass {name: model} as `chat_model` and the default one's name as
+    `model_name`. Each model has its own worker (so two models answer at the same time), and a
+    request picks one by its 'model' field (none: the default; unknown: 404). With one model the
+    'model' field is not checked, as before.
+
     max_queue: requests that may wait for the worker; one more gets 503.
     max_tokens / temperature / top_p: used when a request does not set them.
     """
     if max_queue < 1:
         raise ChatRLError(f"--max-queue is {max_queue}; it must be at least 1")
-    worker = GenerationWorker(chat_model, max_queue)
+    models = dict(chat_model) if isinstance(chat_model, dict) else {model_name: chat_model}
+    if model_name not in models:
+        raise ChatRLError(f"the default model {model_name!r} is not among the models served "
+                          f"({', '.join(models)})")
+    workers = {name: GenerationWorker(m, max_queue) for name, m in models.items()}
+    worker = workers[model_name]
     defaults = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        await asyncio.to_thread(worker.stop)
+        for w in workers.values():
+            await asyncio.to_thread(w.stop)
 
     app = FastAPI(title="chatrl", description="OpenAI-compatible chat API", lifespan=lifespan)
+    app.state.workers = workers
     app.state.worker = worker
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
@@ -319,32 +331,45 @@ def create_app(chat_model, model_name: str, api_key: str | None = None, max_queu
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "queued": worker.jobs.qsize(),
-                "max_queue": worker.max_queue}
+        return {"status": "ok", "model": model_name, "models": list(workers),
+                "queued": sum(w.jobs.qsize() for w in workers.values()), "max_queue": worker.max_queue}
 
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "chatrl"}
+    def model_card(name: str = model_name) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "chatrl"}
+
+    def unknown_model(model_id: str) -> APIError:
+        return APIError(404, f"model {model_id!r} is not served here; this server serves "
+                             f"{', '.join(repr(n) for n in workers)}", param="model",
+                        code="model_not_found")
+
+    def pick(requested: str | None) -> tuple[str, GenerationWorker]:
+        """The model a request asks for (see the docstring)."""
+        if len(workers) == 1 or requested is None:
+            return model_name, worker
+        if requested not in workers:
+            raise unknown_model(requested)
+        return requested, workers[requested]
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in workers]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
-        if model_id != model_name:
-            raise APIError(404, f"model {model_id!r} is not served here; this server serves "
-                                f"{model_name!r}", param="model", code="model_not_found")
-        return model_card()
+        if model_id not in workers:
+            raise unknown_model(model_id)
+        return model_card(model_id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
         settings = _settings(req, defaults)
         job = Job(messages=[m.plain() for m in req.messages], settings=settings,
                   loop=asyncio.get_running_loop())
+        name, target = pick(req.model)
         try:
-            worker.submit(job)
+            target.submit(job)
         except queue.Full:
-            raise APIError(503, f"the server is busy: {worker.max_queue} requests are already "
+            raise APIError(503, f"the server is busy: {target.max_queue} requests are already "
                                 "waiting; retry in a moment (or start it with a larger --max-queue)",
                            "server_error", code="queue_full") from None
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -357,7 +382,7 @@ def create_app(chat_model, model_name: str, api_key: str | None = None, max_queu
             raise value
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(job, cid, now, model_name, usage), media_type="text/event-stream",
+            return StreamingResponse(_sse(job, cid, now, name, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             text, completion = [], None
@@ -372,7 +397,7 @@ def create_app(chat_model, model_name: str, api_key: str | None = None, max_queu
         finally:
             job.cancelled.set()  # a no-op when done; stops the worker if the request was dropped
         return {
-            "id": cid, "object": "chat.completion", "created": now, "model": model_name,
+            "id": cid, "object": "chat.completion", "created": now, "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                          "logprobs": None, "finish_reason": completion.finish_reason}],
             "usage": _usage(completion),
@@ -435,25 +460,42 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
+def serve(path: str | list[str] | None, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, *, web: dict | None = None,
           max_queue: int = 16, model_name: str | None = None, dtype: str = "fp32",
           device: str | None = None, template: str = "auto", max_tokens: int = 256,
           temperature: float = 0.7, top_p: float = 0.9, log_level: str = "info") -> None:
     """Load the model at `path` and serve it until Ctrl-C (or SIGTERM). port 0: any free port
-    (the address is printed)."""
+    (the address is printed).
+
+    path: one model, several (a list: served side by side), or None for the newest model
+    `chatrl train` left here (see choose.py). web: `add_web_ui` options for the page at /
+    (None: API only)."""
     import uvicorn
 
     if not 0 <= port <= 65535:
         raise ChatRLError(f"--port {port} is not a TCP port; use 1-65535, e.g. 8000")
     sock = bind_socket(host, port)  # fail before spending time on the model
     try:
-        chat_model = ChatModel.load(path, dtype=dtype, template=template, device=device)
+        from .choose import load_models
+
+        chat_model = load_models([path] if isinstance(path, str) else path, model_name, dtype=dtype,
+                                 template=template, device=device)
         name = model_name or chat_model.name
         app = create_app(chat_model, name, api_key=api_key, max_queue=max_queue, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p)
         bound = sock.getsockname()[1]
-        print(f"Serving {name!r} ({chat_model.template} format) at http://{host}:{bound}/v1 "
-              f"(OpenAI-compatible{', API key required' if api_key else ''})", flush=True)
+        print(f"Serving {', '.join(map(repr, chat_model))} ({chat_model.template} format) at "
+              f"http://{host}:{bound}/v1 (OpenAI-compatible{', API key required' if api_key else ''})",
+              flush=True)
+        if web is not None:
+            from .web import add_web_ui
+
+            if web.get("compare"):  # paths -> the names they are served under
+                web = {**web, "compare": [chat_model.names[str(p)] for p in web["compare"]]}
+            add_web_ui(app, api_key=api_key, **web)
+            print(f"Web page: http://{host}:{bound}/ (chat, compare, label; votes go to "
+                  f"{app.state.labels.path})", flush=True)
         if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: listening on {host} without --api-key: anyone who can reach this "
                   "machine can use the model", file=sys.stderr, flush=True)
@@ -468,7 +510,7 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add `chatrl serve`'s flags to `parser` (a subcommand parser); returns it."""
-    add_generation_args(parser, max_new_tokens=256)
+    add_generation_args(parser, max_new_tokens=256, several=True)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000,
@@ -482,12 +524,18 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="requests that may wait for the model; more get 503 (default 16)")
     parser.add_argument("--log-level", dest="log_level", default="info",
                         choices=("critical", "error", "warning", "info", "debug"))
+    from .web import add_web_args
+
+    add_web_args(parser)
     return parser
 
 
 def serve_main(args: argparse.Namespace) -> int:
     """Run `chatrl serve` from parsed `add_serve_args` flags; returns the exit code."""
-    serve(args.path, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
+    from .web import web_options
+
+    paths = (args.path or []) + (args.compare or [])
+    serve(paths or None, web=web_options(args), host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
           model_name=args.model_name, dtype=args.dtype, device=args.device, template=args.template,
           max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
           log_level=args.log_level)

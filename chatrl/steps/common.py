@@ -58,8 +58,13 @@ def start_run(cfg, name: str) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         C.save_config(cfg, out / "run_config.yaml")
     ds.barrier()
-    logger = MetricsLogger(out, name, tensorboard=cfg.enable_tensorboard,
+    from ..tracking import open_trackers, parse_report_to
+
+    logger = MetricsLogger(out, name, tensorboard=cfg.enable_tensorboard and "tensorboard" in
+                           parse_report_to(cfg.report_to),
                            tensorboard_path=cfg.tensorboard_path, console=cfg.print_loss)
+    if ds.is_main():
+        logger.trackers = open_trackers(cfg.report_to, out, name, config=cfg, project=cfg.wandb_project)
     return Run(cfg=cfg, name=name, out_dir=out, dtype=dtype,
                world=ds.world_size(), logger=logger)
 

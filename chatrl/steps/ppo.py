@@ -560,6 +560,10 @@ def run_ppo(cfg) -> Path:
             bar.update(1)
             if cfg.print_answers and it % cfg.print_answers_interval == 0:
                 print_answers(exps[0], tokenizer, it)
+            if cfg.log_rollouts_interval and it % cfg.log_rollouts_interval == 0 and ds.is_main():
+                from ..rollouts import log_rollouts
+
+                log_rollouts(run.out_dir, it, exps, tokenizer)  # for `chatrl inspect`
             if cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0 and it < n_iters:
                 nxt = (epoch, g + 1) if g + 1 < len(groups) else (epoch + 1, 0)
                 ckpt.save_checkpoint(run.ckpt_dir, it, engines,

@@ -315,7 +315,7 @@ def build_models(cfg, tokenizer, total_steps: int, dtype: str) -> RLHFModels:
         warmup_steps=cfg.num_warmup_steps, total_steps=total_steps,
         offload_reference_model=cfg.offload_reference_model,
         offload_reward_model=cfg.offload_reward_model, enable_ema=cfg.enable_ema,
-        release_inference_cache=cfg.release_inference_cache)
+        release_inference_cache=cfg.release_inference_cache, deepspeed_config=cfg.deepspeed_config)
 
 
 def iterations_per_epoch(n_prompts: int, cfg, world: int) -> int:

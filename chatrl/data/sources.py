@@ -117,8 +117,6 @@ def _read_json(path: Path) -> dict[str, tuple[list[Any], list[int]]]:
         splits = {k: v for k, v in lists.items() if k in ("train", *EVAL_SPLIT_NAMES)}
         if splits:
             return {k: (v, list(range(1, len(v) + 1))) for k, v in splits.items()}
-        if any(k in data for k in ("prompt", "messages", "chosen", "response")):
-            return {"train": ([data], [1])}  # one row (a JSON-lines file of one line)
         if len(lists) == 1:
             rows = next(iter(lists.values()))
             return {"train": (rows, list(range(1, len(rows) + 1)))}

@@ -27,6 +27,7 @@ when chatrl saves such a model again, and `chatrl export --format dschat` writes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -58,8 +59,24 @@ def is_dschat_reward_folder(path: str | Path) -> bool:
     p = Path(path)
     if not (p / WEIGHTS).is_file() or (p / "value_head.safetensors").exists():
         return False
-    keys = _load_state(p / WEIGHTS, mmap=True).keys()
+    try:  # memory-mapped: only the key names are read
+        keys = _load_state(p / WEIGHTS, mmap=True).keys()
+    except ModelError:  # e.g. a pre-zip-format file: not one of DeepSpeed-Chat's, let Transformers read it
+        return False
     return HEAD_KEY in keys and any(k.startswith(BACKBONE_PREFIX) for k in keys)
+
+
+def _skip_init():
+    """A context in which Transformers builds a model without initialising its weights (all of
+    them are loaded right after); a no-op where this Transformers version has no such switch."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def tokenizer_source(path: str) -> str:
@@ -115,7 +132,8 @@ def load_dschat_reward(cls, path: str, dtype: str = "fp32", dropout: float | Non
                 or k.endswith("wte.weight") or k.endswith("word_embeddings.weight")), None)
     if emb is not None and getattr(config, "vocab_size", None) != emb.shape[0]:
         config.vocab_size = emb.shape[0]
-    backbone = AutoModel.from_config(config, dtype=torch.float32)
+    with _skip_init():
+        backbone = AutoModel.from_config(config, dtype=torch.float32)
     missing, unexpected = backbone.load_state_dict(backbone_state, strict=False)
     unexpected = [k for k in unexpected if not k.endswith(_STALE_BUFFERS)]
     missing = [k for k in missing if not k.endswith(_STALE_BUFFERS)]

@@ -126,3 +126,15 @@ def test_prompt_eval_maps_onto_chatrl_eval_prompts_greedy():
                                  "--language", "English", "--max_new_tokens", "20"])
     assert got == ["eval", "prompts", "--base", "a", "--finetuned", "b", "--max-new-tokens", "20",
                    "--temperature", "0"]
+
+
+def test_chatrl_train_takes_deepspeed_flags_for_every_step(tmp_path):
+    from chatrl.pipeline import build_parser, plan_steps
+
+    f = tmp_path / "ds.json"
+    f.write_text('{"zero_optimization": {"reduce_bucket_size": 1000}}')
+    args = build_parser().parse_args(["--actor-model", "tiny", "--deepspeed", "--deepspeed_config", str(f),
+                                      "--output-dir", str(tmp_path)])
+    plans = plan_steps(args)
+    assert {name: cfg.deepspeed_config for name, cfg in plans.items()} == \
+        {"sft": str(f), "rm": str(f), "ppo": str(f)}

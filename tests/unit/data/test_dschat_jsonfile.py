@@ -21,7 +21,8 @@ def test_reads_both_files_as_train_and_eval(tmp_path, monkeypatch):
           [{"prompt": " Human: Name a color. Assistant:", "chosen": "Blue.", "rejected": "No."},
            {"prompt": "Human: Hi Assistant: Hello! Human: Name a fruit. Assistant:", "chosen": "An apple.",
             "rejected": None}],
-          [{"prompt": " Human: Say hi. Assistant:", "chosen": "Hi!", "rejected": "Bye."}])
+          [{"prompt": " Human: Say hi. Assistant:", "chosen": "Hi!", "rejected": "Bye."},
+           {"prompt": " Human: Count to two. Assistant:", "chosen": "One, two.", "rejected": "Three."}])
     monkeypatch.chdir(tmp_path)
     sd = load_source("local/jsonfile")
     assert sd.pairwise and sd.stats["eval_from"] == "eval split"
@@ -29,8 +30,10 @@ def test_reads_both_files_as_train_and_eval(tmp_path, monkeypatch):
         {"messages": [{"role": "user", "content": "Name a color."}], "chosen": "Blue.", "rejected": "No."},
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                       {"role": "user", "content": "Name a fruit."}], "chosen": "An apple.", "rejected": None}]
-    assert list(sd.eval) == [{"messages": [{"role": "user", "content": "Say hi."}], "chosen": "Hi!",
-                              "rejected": "Bye."}]
+    assert list(sd.eval) == [
+        {"messages": [{"role": "user", "content": "Say hi."}], "chosen": "Hi!", "rejected": "Bye."},
+        {"messages": [{"role": "user", "content": "Count to two."}], "chosen": "One, two.",
+         "rejected": "Three."}]
 
 
 def test_missing_files_name_the_paths_and_the_way_out(tmp_path, monkeypatch):

@@ -4,6 +4,8 @@
     chatrl sft|rm|ppo|dpo [flags] one step (every option of the step; --config, --preset, key=value)
     chatrl eval reward|prompts    score pairs with a reward model / compare answers of two models
     chatrl chat --path MODEL      terminal chat
+    chatrl export --format dschat --path MODEL --output-dir DIR
+                                  write a model in DeepSpeed-Chat's layout (pytorch_model.bin)
     chatrl serve --path MODEL     OpenAI-compatible HTTP server
                                   + a web page at / (chat, compare two models, label answers)
     chatrl inspect RUN_DIR        rollout inspector of a step-3 run (--html FILE: write one page)
@@ -94,6 +96,10 @@ def dispatch(argv: list[str]) -> int:
         from .evaluate import eval_main
 
         return eval_main(rest)
+    if cmd == "export":
+        from .dschat.export import export_main
+
+        return export_main(rest)
     if cmd in ("chat", "serve"):
         import argparse
         import importlib
@@ -107,15 +113,21 @@ def dispatch(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `deepspeed --num_gpus N -m chatrl sft ...` puts --local_rank=R before the command, and
+    # DeepSpeed-Chat users type it anywhere: it is removed wherever it is (LOCAL_RANK carries it).
+    from .dschat.args import apply_local_rank
+
+    argv = apply_local_rank(argv)
+    return guarded(lambda: dispatch(argv))
+
+
+def guarded(run) -> int:
+    """`run()`'s exit code; a user error (ChatRLError) prints as one line and exits 2."""
     from .errors import ChatRLError
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # `deepspeed --num_gpus N -m chatrl sft ...` puts --local_rank=R before the command; move it
-    # behind a step name (its config accepts it), drop it elsewhere (LOCAL_RANK is in the env).
-    if argv and argv[0].startswith("--local_rank="):
-        argv = argv[1:2] + (argv[:1] if argv[1:2] and argv[1] in STEPS else []) + argv[2:]
     try:
-        code = dispatch(argv)
+        code = run()
     except ChatRLError as e:
         msg = " ".join(str(e).split())  # one line
         print(f"chatrl: error: {msg}", file=sys.stderr)

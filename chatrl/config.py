@@ -71,6 +71,9 @@ class CommonConfig:
     compute_fp32_loss: bool = opt(False, "upcast logits to fp32 before the loss")
     offload: bool = opt(False, "ZeRO CPU offload of optimizer state (and params at stage 3)")
     local_rank: int = opt(-1, "set by the DeepSpeed launcher")
+    deepspeed_config: Optional[str] = opt(None, "DeepSpeed JSON config merged into the engine config "
+                                                "(chatrl's own settings win where both set a value; "
+                                                "the merge is logged); alias --deepscale_config")
     # --- logging
     enable_tensorboard: bool = opt(True, "write TensorBoard logs under <output_dir>/tensorboard")
     tensorboard_path: Optional[str] = opt(None, "TensorBoard folder (default <output_dir>/tensorboard)")
@@ -105,6 +108,10 @@ class CommonConfig:
         for name in ("log_interval",):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.deepspeed_config is not None:
+            from .engine.ds_user_config import read_deepspeed_config
+
+            read_deepspeed_config(self.deepspeed_config)  # exists and holds a JSON object
 
 
 @dataclass
@@ -172,6 +179,7 @@ class DPOConfig(ModelTrainConfig):
     dropout: Optional[float] = opt(0.0, "dropout of the trained policy (default 0, as TRL: with dropout "
                                         "the policy differs from its reference before any update); "
                                         "null in a config file keeps the model's own")
+    offload_reference_model: bool = opt(False, "keep the frozen reference model on CPU")
 
 
 @dataclass
@@ -265,6 +273,8 @@ class PPOConfig(CommonConfig):
                                         "`chatrl inspect`; 0: never")
     enable_test_mode: bool = opt(False, "stop after --test-stop-step iterations")
     test_stop_step: int = opt(0, "iterations to run in test mode")
+    preprocessing_num_workers: Optional[int] = opt(None, "accepted for compatibility (tokenized "
+                                                         "data is cached, see --data-output-path)")
 
     def validate(self) -> None:
         super().validate()
@@ -519,8 +529,11 @@ def parse_step_args(step: str, argv: list[str] | None = None, prog: str | None =
                                      description=f"chatrl step: {step}")
     add_common_args(parser)
     add_config_args(parser, cls)
+    from .dschat.args import IGNORED_DEST, add_deepspeed_args
+
+    add_deepspeed_args(parser, config_flag=False)  # --deepspeed, --deepscale_config... (DeepSpeed-Chat)
     ns = parser.parse_args(argv)
-    cli = {k: v for k, v in vars(ns).items() if k not in ("config", "preset", "overrides")}
+    cli = {k: v for k, v in vars(ns).items() if k not in ("config", "preset", "overrides", IGNORED_DEST)}
     preset = ns.preset
     if preset is None and not model_named(cli, ns.config, ns.overrides):
         preset = "cpu-default"

@@ -61,6 +61,9 @@ def build_parser(prog: str = "chatrl train") -> argparse.ArgumentParser:
     p.add_argument("--report-prompts", type=int, default=32, help="held-out prompts in the report")
     p.add_argument("--restart", action="store_true", help="redo finished steps instead of skipping")
     C.add_common_args(p)
+    from .dschat.args import add_deepspeed_args
+
+    add_deepspeed_args(p, config_flag=True)  # --deepspeed, --deepspeed_config FILE (every step)
     return p
 
 
@@ -123,6 +126,8 @@ def plan_steps(args) -> dict[str, object]:
     common = {"resume": True, **({"report_to": args.report_to} if args.report_to else {})}
     if args.data_path:
         common["data_path"] = args.data_path
+    if getattr(args, "deepspeed_config", None):
+        common["deepspeed_config"] = args.deepspeed_config
     cli = {
         "sft": {**common, "model_name_or_path": actor, "output_dir": sft_dir,
                 **({"zero_stage": args.actor_zero_stage} if args.actor_zero_stage is not None else {})},

@@ -6,6 +6,8 @@
 - "<name>:<local path>": a local file or folder written in that named dataset's schema, read
   with the dataset's adapter (how the tests cover every adapter offline);
 - "demo": the built-in demo preference task (chatrl/data/demo.py);
+- "local/jsonfile": DeepSpeed-Chat's local dataset, data/train.json and data/eval.json under the
+  current folder (prompt/chosen/rejected rows; its prompts hold the "Human: ... Assistant:" turns);
 - a local .json / .jsonl / .parquet / .csv file with prompt + chosen (or response) + optional
   rejected columns, or chat-style `messages`;
 - a folder written by `datasets.save_to_disk` (a Dataset or a DatasetDict);
@@ -300,6 +302,30 @@ def _load_demo() -> SourceData:
     return SourceData(name="demo", train=dd["train"], eval=dd["test"], pairwise=True, stats=stats)
 
 
+DSCHAT_LOCAL = "local/jsonfile"
+
+
+def _load_dschat_jsonfile(seed: int, skip_bad_rows: bool) -> SourceData:
+    """DeepSpeed-Chat's "local/jsonfile": data/train.json + data/eval.json under the current folder
+    (DeepSpeed-Chat read them under its own folder), each a JSON array or JSON lines."""
+    files = {"train": Path("data") / "train.json", "eval": Path("data") / "eval.json"}
+    missing = [str(f.resolve()) for f in files.values() if not f.is_file()]
+    if missing:
+        raise DataError(f"{DSCHAT_LOCAL} reads data/train.json and data/eval.json under the current "
+                        f"folder (DeepSpeed-Chat's layout), but {' and '.join(missing)} "
+                        f"{'does' if len(missing) == 1 else 'do'} not exist; "
+                        "create both (rows with prompt, chosen and optional rejected), or pass any "
+                        "data file itself: --data-path FILE")
+    split_rows: dict[str, list[dict]] = {}
+    stats: dict = {}
+    for split, f in files.items():
+        split_rows[split] = [row for rows, numbers in read_file_rows(f).values()
+                             for row in adapt_rows(LOCAL.name, rows, source=str(f), stats=stats,
+                                                   skip_bad_rows=skip_bad_rows, numbers=numbers)]
+    stats["origin"] = str(Path("data").resolve())
+    return _assemble(DSCHAT_LOCAL, split_rows, stats, LOCAL, seed)
+
+
 def split_named_spec(spec: str) -> tuple[Adapter | None, str | None]:
     """"Dahoas/rm-static:/path/x.jsonl" -> (that adapter, "/path/x.jsonl"); a bare name ->
     (adapter, None); anything else -> (None, None)."""
@@ -317,6 +343,8 @@ def load_source(spec: str, *, seed: int = 1234, skip_bad_rows: bool = False) -> 
     spec = spec.strip()
     if spec.lower() == "demo":
         return _load_demo()
+    if spec.lower() == DSCHAT_LOCAL:
+        return _load_dschat_jsonfile(seed, skip_bad_rows)
     adapter, local = split_named_spec(spec)
     if adapter is not None and local is not None:
         return _load_local(Path(local).expanduser(), adapter, spec, seed, skip_bad_rows)

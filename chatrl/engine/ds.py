@@ -161,6 +161,7 @@ class EngineSpec:
     warmup_steps: int = 0
     total_steps: int = 1
     gradient_checkpointing: bool = False
+    deepspeed_config: str | None = None  # a user's DeepSpeed JSON file, merged in (ds_user_config.py)
 
 
 def ds_config(spec: EngineSpec, world: int) -> dict:
@@ -227,12 +228,26 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec):
         return get_scheduler(spec.scheduler, opt, num_warmup_steps=spec.warmup_steps,
                              num_training_steps=max(spec.total_steps, 1))
 
+    config = ds_config(spec, world_size())
+    if spec.deepspeed_config:
+        config = _with_user_config(config, spec.deepspeed_config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=ds_config(spec, world_size()))
+                                      config=config)
     # from_pretrained returns a model in eval mode and DeepSpeed leaves it so: without this the
     # dropout flags and gradient checkpointing (active only in training mode) did nothing.
     engine.train()
     return engine
+
+
+def _with_user_config(config: dict, path: str) -> dict:
+    """`config` with the user's --deepspeed_config file merged in, each decision logged."""
+    from ..logging import write_line
+    from .ds_user_config import merge_deepspeed_config, read_deepspeed_config
+
+    merged, notes = merge_deepspeed_config(config, read_deepspeed_config(path))
+    for note in notes or ["nothing to add: the file sets only what chatrl sets, to the same values"]:
+        write_line(f"--deepspeed_config {path}: {note}")
+    return merged
 
 
 def is_zero3(model) -> bool:

@@ -65,7 +65,8 @@ class RLHFModels:
                  scheduler: str, warmup_steps: int, total_steps: int,
                  offload_reference_model: bool = False, offload_reward_model: bool = False,
                  enable_ema: bool = False, release_inference_cache: bool = False,
-                 actor_total_steps: int | None = None):
+                 actor_total_steps: int | None = None,
+                 deepspeed_config: str | None = None):
         self.tokenizer = tokenizer
         self.dtype = dtype
 
@@ -77,7 +78,8 @@ class RLHFModels:
                 zero_stage=spec.zero_stage, offload=offload, dtype=dtype, micro_batch=micro_batch,
                 grad_accum=grad_accum, grad_clip=grad_clip, lr=spec.lr, weight_decay=spec.weight_decay,
                 lora_lr=spec.lora_lr, scheduler=scheduler, warmup_steps=warmup_steps,
-                total_steps=n_steps, gradient_checkpointing=spec.gradient_checkpointing))
+                total_steps=n_steps, gradient_checkpointing=spec.gradient_checkpointing,
+                deepspeed_config=deepspeed_config))
 
         # actor + reference (the same weights at the start)
         actor_model = load_causal_lm(actor.path, dtype="fp32", dropout=actor.dropout, tokenizer=tokenizer)

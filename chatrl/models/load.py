@@ -187,8 +187,11 @@ def configure_tokenizer(tok, padding_side: str = "right"):
 def load_tokenizer(path: str, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
+    from ..dschat.checkpoint import tokenizer_source
+
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        # A DeepSpeed-Chat folder has no tokenizer config: its config.json names the base model.
+        tok = AutoTokenizer.from_pretrained(tokenizer_source(path))
     except (OSError, ValueError) as e:
         raise ModelError(f"could not load a tokenizer from {path!r}: {e}. Pass a Hugging Face model "
                          "folder or hub id (with HF_HUB_OFFLINE=1 only local folders work)") from e

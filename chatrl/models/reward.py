@@ -10,6 +10,8 @@ right-padded response (PPO) it is the response's EOS, or its last token if it wa
 
 Saved as a Hugging Face folder of the backbone (loadable by AutoModel) plus `value_head.safetensors`
 and `chatrl.json` {"kind": "reward_model"}; `RewardModel.from_pretrained` restores identical scores.
+It also loads DeepSpeed-Chat's reward-model / critic folders (chatrl/dschat/checkpoint.py); those
+score the token before the EOS, as DeepSpeed-Chat did (`score_before_token`).
 """
 
 from __future__ import annotations
@@ -33,10 +35,14 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class RewardModel(nn.Module):
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, score_before_token: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.config = backbone.config
+        # DeepSpeed-Chat's convention (its reward models were trained and used that way): when set,
+        # the value at each position holding this token id (the EOS) is the value of the position
+        # before it, so the score of an answer ending in EOS is read at its last real token.
+        self.score_before_token = score_before_token
         # OPT-350m projects its output to word_embed_proj_dim; the embedding width is the
         # width of the last hidden state for every family we know.
         width = backbone.get_input_embeddings().embedding_dim
@@ -58,7 +64,10 @@ class RewardModel(nn.Module):
         out = self.backbone(**model_inputs(self.backbone, input_ids, attention_mask, position_ids),
                             use_cache=False)
         hidden = out.last_hidden_state
-        return self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
+        values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
+        if self.score_before_token is not None:
+            values = value_before_token(values, input_ids, self.score_before_token)
+        return values
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reward of each sequence: the value at its last non-pad token. [batch]"""
@@ -72,8 +81,16 @@ class RewardModel(nn.Module):
         causal LM."""
         from transformers import AutoModel
 
+        from ..dschat.checkpoint import SCORE_TOKEN_KEY, end_token_id, is_dschat_reward_folder
+
+        if is_dschat_reward_folder(path):
+            from ..dschat.checkpoint import load_dschat_reward
+
+            return load_dschat_reward(cls, path, dtype, dropout, tokenizer)
         backbone = load_pretrained(AutoModel, path, dtype, dropout, tokenizer, "reward-model backbone")
-        model = cls(backbone).to(torch_dtype(dtype))
+        before = read_meta(path).get(SCORE_TOKEN_KEY) == "before_eos"
+        model = cls(backbone, end_token_id(tokenizer, backbone.config) if before else None)
+        model = model.to(torch_dtype(dtype))
         head = Path(path) / VALUE_HEAD_FILE
         if head.exists():
             from safetensors.torch import load_file
@@ -87,7 +104,9 @@ class RewardModel(nn.Module):
 
     @staticmethod
     def is_reward_model(path: str) -> bool:
-        return (Path(path) / VALUE_HEAD_FILE).exists()
+        from ..dschat.checkpoint import is_dschat_reward_folder
+
+        return (Path(path) / VALUE_HEAD_FILE).exists() or is_dschat_reward_folder(path)
 
     def save_pretrained(self, out_dir: str | Path, state_dict: dict | None = None, **meta) -> None:
         """Backbone via save_pretrained, head as safetensors. `state_dict` (full, e.g. gathered
@@ -101,7 +120,16 @@ class RewardModel(nn.Module):
         self.backbone.save_pretrained(out_dir, state_dict=backbone_sd, safe_serialization=True)
         save_file({"weight": state_dict["v_head.weight"].detach().contiguous().cpu()},
                   str(out_dir / VALUE_HEAD_FILE))
+        if self.score_before_token is not None:  # a DeepSpeed-Chat model keeps its convention
+            meta["score_token"] = "before_eos"
         write_meta(out_dir, kind="reward_model", **meta)
+
+
+def value_before_token(values: torch.Tensor, input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    """`values` with each position holding `token_id` given the value of the position before it
+    (the first position keeps its own). [batch, seq] -> [batch, seq]"""
+    previous = torch.cat([values[:, :1], values[:, :-1]], dim=1)
+    return torch.where(input_ids.to(values.device) == token_id, previous, values)
 
 
 def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

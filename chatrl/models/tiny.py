@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-TINY_ARCHS = ("llama", "gpt2", "opt", "qwen2")
+TINY_ARCHS = ("llama", "gpt2", "opt", "qwen2", "bloom")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -65,6 +65,8 @@ def _config(arch: str, vocab: int, eos: int):
         return AutoConfig.for_model("opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                     num_attention_heads=4, max_position_embeddings=512,
                                     word_embed_proj_dim=64, **common)
+    if arch == "bloom":  # ALiBi positions: no position ids, no position embeddings
+        return AutoConfig.for_model("bloom", hidden_size=64, n_layer=2, n_head=4, **common)
     raise ValueError(f"unknown tiny arch {arch!r}; choose from {TINY_ARCHS}")
 
 

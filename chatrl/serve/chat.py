@@ -63,11 +63,13 @@ def run_chat(path: str | ChatModel, max_new_tokens: int = 128, temperature: floa
              top_p: float = 0.9, template: str = "auto", input_stream: TextIO = sys.stdin,
              output_stream: TextIO = sys.stdout, *, dtype: str = "fp32", device: str | None = None,
              system: str | None = None, seed: int | None = None,
-             on_prompt: Callable[[str], None] | None = None) -> int:
+             on_prompt: Callable[[str], None] | None = None,
+             aliases: dict[str, str] | None = None) -> int:
     """Chat until /quit, end of input or Ctrl-C; returns the exit code (0).
 
     path: a model folder/name, or an already loaded ChatModel.
     on_prompt: called with the rendered prompt before each answer (tests, --show-prompt).
+    aliases: whole input lines read as commands, e.g. {"quit": "/quit"} (DeepSpeed-Chat's words).
     Bad settings raise ChatRLError before the model loads.
     """
     check_sampling(max_new_tokens, temperature, top_p)
@@ -102,6 +104,7 @@ def run_chat(path: str | ChatModel, max_new_tokens: int = 128, temperature: floa
             text = line.strip()
             if not text:
                 continue
+            text = (aliases or {}).get(text, text)
             if text in ("/quit", "/exit"):
                 break
             if text == "/reset":
@@ -136,7 +139,7 @@ def run_chat(path: str | ChatModel, max_new_tokens: int = 128, temperature: floa
     return 0
 
 
-def chat_main(args: argparse.Namespace) -> int:
+def chat_main(args: argparse.Namespace, aliases: dict[str, str] | None = None) -> int:
     """Run `chatrl chat` from parsed `add_chat_args` flags; returns the exit code."""
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # imported by Transformers; not chat news
     path = args.path
@@ -151,7 +154,7 @@ def chat_main(args: argparse.Namespace) -> int:
     with held_warnings():
         return run_chat(path, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, template=args.template, dtype=args.dtype, device=args.device,
-                        system=args.system, seed=args.seed, on_prompt=on_prompt)
+                        system=args.system, seed=args.seed, on_prompt=on_prompt, aliases=aliases)
 
 
 def load_for_chat(path: str, **kwargs) -> ChatModel:

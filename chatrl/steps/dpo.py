@@ -51,7 +51,7 @@ def run_dpo(cfg) -> Path:
     ref_model = (load_causal_lm(resolve_model_path(cfg.ref_model_name_or_path), dropout=0.0,
                                 tokenizer=tokenizer)
                  if cfg.ref_model_name_or_path else copy.deepcopy(model))  # eval mode: no dropout
-    ref = _frozen(ref_model, cfg.zero_stage, run.dtype, offload_to_cpu=False)
+    ref = _frozen(ref_model, cfg.zero_stage, run.dtype, offload_to_cpu=cfg.offload_reference_model)
     engine = ds.build_engine(maybe_lora(model, cfg), engine_spec(cfg, run.dtype, total))
     pad = tokenizer.pad_token_id
 

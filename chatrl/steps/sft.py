@@ -31,7 +31,8 @@ def engine_spec(cfg, dtype: str, total: int) -> ds.EngineSpec:
                          lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                          lora_lr=cfg.lora_learning_rate, scheduler=cfg.lr_scheduler_type,
                          warmup_steps=cfg.num_warmup_steps, total_steps=total,
-                         gradient_checkpointing=cfg.gradient_checkpointing)
+                         gradient_checkpointing=cfg.gradient_checkpointing,
+                         deepspeed_config=cfg.deepspeed_config)
 
 
 def loop_spec(cfg) -> common.LoopSpec:

@@ -24,8 +24,9 @@ TINY = ["--model_name_or_path", "tiny", "--max_seq_len", "128", "--progress", "f
 
 
 def chatrl(*args, check: bool = True, timeout: float = 300, launcher: list[str] | None = None,
-           python_code: str | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m chatrl ARGS` (or `launcher + ARGS`, or `python -c CODE ARGS`)."""
+           python_code: str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m chatrl ARGS` (or `launcher + ARGS`, or `python -c CODE ARGS`), with `stdin` as
+    its input if given."""
     args = [str(a) for a in args]
     if launcher is not None:
         cmd = launcher + args
@@ -33,7 +34,8 @@ def chatrl(*args, check: bool = True, timeout: float = 300, launcher: list[str] 
         cmd = [PYTHON, "-c", python_code] + args
     else:
         cmd = [PYTHON, "-m", "chatrl"] + args
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
+                          input=stdin)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\nexited {proc.returncode}\n--- stdout\n"
                              f"{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}")

@@ -205,8 +205,8 @@ def test_from_namespace_takes_deepspeed_chat_names():
     cfg = from_namespace(SFTConfig, ns)
     assert isinstance(cfg, SFTConfig)
     for k, v in vars(ns).items():
-        if k in ("deepspeed", "deepspeed_config", "deepscale"):
-            assert not hasattr(cfg, k)  # unknown names are ignored
+        if k in ("deepspeed", "deepscale"):
+            assert not hasattr(cfg, k)  # unknown names are ignored (deepspeed_config is a field)
         elif v is None:
             assert getattr(cfg, k) == getattr(SFTConfig(), k), k  # None keeps the default
         else:

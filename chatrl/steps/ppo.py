@@ -462,10 +462,11 @@ def run_ppo(cfg) -> Path:
     # 6. save actor, critic (and EMA) as loadable folders
     common.guard_weights(run, f"iteration {it}", engines, lambda: probe_outputs(trainer, exps[-1]))
     meta = {"template": template, "base_model": actor_path}
-    ckpt.save_model(models.actor.module, tokenizer, run.out_dir / "actor", {"step": "ppo", **meta})
     ckpt.save_model(models.critic.module, tokenizer, run.out_dir / "critic", {"step": "ppo-critic", **meta})
     if models.actor_ema is not None:
         save_ema(models, tokenizer, run.out_dir / "actor_ema", {"step": "ppo-ema", **meta})
+    # The actor last: actor/chatrl.json marks step 3 finished (chatrl train, --resume).
+    ckpt.save_model(models.actor.module, tokenizer, run.out_dir / "actor", {"step": "ppo", **meta})
     write_line(f"ppo: done; actor saved to {run.out_dir / 'actor'}")
     common.finish_run(run)
     return run.out_dir / "actor"

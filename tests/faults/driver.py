@@ -6,9 +6,9 @@ Faults ($CHATRL_FAULTS, comma-separated):
   kill_at_step=S          SIGKILL as the train metrics row of step S is about to be written
   kill_in_checkpoint=S    SIGKILL inside the write of step S's checkpoint: the engine state is on
                           disk in the temporary folder, nothing is published yet
-  kill_in_final_save      SIGKILL inside the final model save: every file is written into the
-                          temporary folder, not yet renamed into place (the first save, for PPO
-                          the actor)
+  kill_in_final_save=N    SIGKILL inside the N-th final model save (default 1; PPO saves the
+                          critic, then the actor): every file is written into the temporary
+                          folder, not yet renamed into place
   enospc_in_checkpoint=S  writing step S's checkpoint fails as on a full disk: torch.save writes
                           a few bytes, then raises OSError(ENOSPC) naming its file
   enospc_in_final_save    the final model save fails as on a full disk: the last file written
@@ -115,7 +115,7 @@ def install() -> None:
         def __exit__(self, exc_type, exc, tb):
             if exc_type is None:
                 state["final_saves"] += 1
-                if "kill_in_final_save" in FAULTS and state["final_saves"] == 1:
+                if state["final_saves"] == FAULTS.get("kill_in_final_save"):
                     _die()
                 if "enospc_in_final_save" in FAULTS and state["final_saves"] == 1:
                     last = max((p for p in self.tmp.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime_ns)

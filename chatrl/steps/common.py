@@ -134,7 +134,8 @@ def claim_output(cfg, name: str, out: Path, settings: dict) -> Path | None:
             if diffs:
                 raise ConfigError(f"--resume: the checkpoints in {ckpt_dir} were written with other "
                                   f"settings ({'; '.join(diffs)}); resume with the original ones, or "
-                                  "pass --overwrite instead of --resume to start afresh")
+                                  "pass --overwrite instead of --resume (chatrl train: --restart) "
+                                  "to start afresh")
         return finished
     if finished and not cfg.overwrite:
         raise OutputError(f"--output-dir {out} already holds a finished run ({finished}); pass "

@@ -83,6 +83,13 @@ def test_oversized_bodies_are_413(url):
     still_serves(url)
 
 
+def test_request_limit_must_be_positive(chat_model):
+    from chatrl.errors import ChatRLError
+
+    with pytest.raises(ChatRLError, match="--max-request-bytes is 0"):
+        create_app(chat_model, "lively", max_request_bytes=0)
+
+
 def test_client_hanging_up_mid_stream_frees_the_worker(url):
     with httpx.stream("POST", url, headers=AUTH, timeout=60,
                       json={**GOOD, "max_tokens": 400, "stream": True}) as r:

@@ -88,6 +88,8 @@ class CommonConfig:
     checkpoint_interval: int = opt(0, "save a resumable checkpoint every N optimizer steps (0: at "
                                       "the end of each epoch only)")
     resume: bool = opt(False, "continue from the last checkpoint in <output_dir>/checkpoints")
+    overwrite: bool = opt(False, "delete a previous run's checkpoints and model in <output_dir> and "
+                                 "start afresh (without it, a fresh run refuses such a folder)")
     keep_checkpoints: bool = opt(False, "keep checkpoints after the final model is saved (by default "
                                         "they are deleted then: they only serve to resume)")
     max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")
@@ -105,6 +107,9 @@ class CommonConfig:
         if self.data_weights is not None and len(self.data_weights) != len(self.data_path):
             raise ConfigError(f"--data-weights has {len(self.data_weights)} values for "
                               f"{len(self.data_path)} --data-path sources; give one weight per source")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it; "
+                              "pass only one of them")
         for name in ("log_interval",):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -252,6 +257,8 @@ class PPOConfig(CommonConfig):
     critic_lora_learning_rate: float = opt(5e-4, "critic LoRA learning rate")
     offload_reference_model: bool = opt(False, "keep the reference model on CPU")
     offload_reward_model: bool = opt(False, "keep the reward model on CPU")
+    allow_untrained_reward_head: bool = opt(False, "accept a critic / reward model folder without a "
+                                                   "trained value head (its head starts random)")
     # --- hybrid engine (DeepSpeed-Chat names; chatrl's engine is always on)
     enable_hybrid_engine: bool = opt(True, "switch the actor into generation mode for rollouts")
     unpin_actor_parameters: bool = opt(False, "accepted for compatibility")

@@ -19,3 +19,11 @@ class DataError(ChatRLError):
 
 class ModelError(ChatRLError):
     """A model that cannot be found or loaded."""
+
+
+class OutputError(ChatRLError):
+    """An output folder that cannot be used or written (a file, read-only, full, another run's)."""
+
+
+class TrainingDiverged(ChatRLError):
+    """A non-finite loss, gradient or weight: the step stops before anything is saved."""

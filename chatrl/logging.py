@@ -17,7 +17,7 @@ from .engine import ds
 
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, step_name: str, tensorboard: bool = True,
-                 tensorboard_path: str | None = None, console: bool = False):
+                 tensorboard_path: str | None = None, console: bool = False, fresh: bool = False):
         self.main = ds.is_main()
         self.console = console
         self.step_name = step_name
@@ -28,8 +28,8 @@ class MetricsLogger:
             return
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        # Append: a resumed run continues the same log.
-        self._file = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        # A fresh run starts a new log; a resumed run appends (see truncate_after).
+        self._file = open(out_dir / "metrics.jsonl", "w" if fresh else "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -188,7 +188,7 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train") -> int
             print(f"[chatrl train] step {name}: already finished ({done}); skipping", file=sys.stderr)
             continue
         if args.restart:
-            cfg = dataclasses.replace(cfg, resume=False)
+            cfg = dataclasses.replace(cfg, resume=False, overwrite=True)
         print(f"[chatrl train] step {name} -> {cfg.output_dir}", file=sys.stderr, flush=True)
         t = time.time()
         if prefix is None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models import load_causal_lm
+from ..models.load import check_same_tokenizer
 from ..models.lora import apply_lora
 from ..models.reward import RewardModel
 from . import ds
@@ -69,6 +70,10 @@ class RLHFModels:
                  deepspeed_config: str | None = None):
         self.tokenizer = tokenizer
         self.dtype = dtype
+        # The critic and reward model read the actor's token ids: their vocabularies must match.
+        check_same_tokenizer(actor.path, critic.path, ("actor", "critic"))
+        if reward_path != critic.path:
+            check_same_tokenizer(actor.path, reward_path, ("actor", "reward model"))
 
         def engine_for(model, spec: ModelSpec, n_steps: int):
             if spec.lora_dim > 0:

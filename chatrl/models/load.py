@@ -77,13 +77,13 @@ def atomic_dir(final: Path):
         def __enter__(self):
             final.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-            os.chmod(self.tmp, 0o755)
             return self.tmp
 
         def __exit__(self, exc_type, exc, tb):
             if exc_type is not None:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 return False
+            apply_umask(self.tmp)
             old = None
             if final.exists():
                 old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -94,6 +94,25 @@ def atomic_dir(final: Path):
             return False
 
     return _Atomic()
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give a folder and everything in it the modes a plain `open`/`mkdir` would have given
+    (0666/0777 minus the umask): mkdtemp and some writers create 0700/0600 entries, which would
+    hide a saved model from the other users of a shared machine."""
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
 
 
 def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
@@ -184,6 +203,38 @@ def configure_tokenizer(tok, padding_side: str = "right"):
     return tok
 
 
+def _bad_files() -> tuple[type, ...]:
+    """What Transformers raises for unreadable model files: missing or unreadable (OSError), a
+    malformed or wrongly typed config field (ValueError, TypeError, huggingface_hub's strict
+    dataclass errors), truncated or corrupt weights (safetensors' own error)."""
+    from safetensors import SafetensorError
+
+    errors = [OSError, ValueError, TypeError, SafetensorError]
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors.append(StrictDataclassError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _describe(path: str, e: BaseException) -> str:
+    """The failure in one sentence, naming the file when it is a corrupt safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    if isinstance(e, SafetensorError) and Path(path).is_dir():
+        for f in sorted(Path(path).glob("*.safetensors")):
+            try:
+                with safe_open(str(f), framework="pt"):
+                    pass
+            except SafetensorError as bad:
+                return f"{f.name} is truncated or corrupt ({bad}); restore it or re-create the model"
+    if isinstance(e, TypeError) or type(e).__name__.startswith("StrictDataclass"):
+        return f"its config.json is not valid ({' '.join(str(e).split())}); fix the field or re-create the model"
+    return str(e)
+
+
 def load_tokenizer(path: str, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
@@ -192,9 +243,10 @@ def load_tokenizer(path: str, padding_side: str = "right"):
     try:
         # A DeepSpeed-Chat folder has no tokenizer config: its config.json names the base model.
         tok = AutoTokenizer.from_pretrained(tokenizer_source(path))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"could not load a tokenizer from {path!r}: {e}. Pass a Hugging Face model "
-                         "folder or hub id (with HF_HUB_OFFLINE=1 only local folders work)") from e
+    except _bad_files() as e:
+        raise ModelError(f"could not load a tokenizer from {path!r}: {_describe(path, e)}. Pass a "
+                         "Hugging Face model folder or hub id (with HF_HUB_OFFLINE=1 only local "
+                         "folders work)") from e
     return configure_tokenizer(tok, padding_side)
 
 
@@ -209,12 +261,35 @@ def load_config(path: str, dropout: float | None = None):
 
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"could not load a model config from {path!r}: {e}. Pass a Hugging Face "
-                         "model folder or hub id (with HF_HUB_OFFLINE=1 only local folders work)") from e
+    except _bad_files() as e:
+        raise ModelError(f"could not load a model config from {path!r}: {_describe(path, e)}. Pass a "
+                         "Hugging Face model folder or hub id (with HF_HUB_OFFLINE=1 only local "
+                         "folders work)") from e
     for k, v in _dropout_overrides(config, dropout).items():
         setattr(config, k, v)
     return config
+
+
+def check_same_tokenizer(reference: str, other: str, roles: tuple[str, str]) -> None:
+    """Refuse two models whose tokenizers differ: one would read the other's token ids in the
+    wrong vocabulary (even with equal sizes, when ids are assigned differently). roles: what
+    each model is, for the message, e.g. ("actor", "critic")."""
+    if Path(reference).resolve() == Path(other).resolve():
+        return
+    a, b = load_tokenizer(reference), load_tokenizer(other)
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va == vb:
+        return
+    diff = sorted(set(va.items()) ^ set(vb.items()), key=lambda kv: kv[1])[:1]
+    example = ""
+    if diff:
+        token = diff[0][0]
+        example = f", e.g. {token!r} is id {va.get(token)} in one and {vb.get(token)} in the other"
+    raise ModelError(
+        f"the {roles[1]} {other} uses a different tokenizer ({type(b).__name__}, {len(vb)} tokens) "
+        f"from the {roles[0]} {reference} ({type(a).__name__}, {len(va)} tokens){example}; the "
+        f"{roles[1]} would read the {roles[0]}'s token ids in the wrong vocabulary. Use a {roles[1]} "
+        f"trained from a model with the {roles[0]}'s tokenizer (e.g. `chatrl rm` on the same base model)")
 
 
 def match_vocab(model, tokenizer) -> None:
@@ -229,8 +304,8 @@ def load_pretrained(auto_cls, path: str, dtype="fp32", dropout: float | None = N
     config = load_config(path, dropout)
     try:
         model = auto_cls.from_pretrained(path, config=config, dtype=torch_dtype(dtype))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"could not load a {what} from {path!r}: {e}") from e
+    except _bad_files() as e:
+        raise ModelError(f"could not load a {what} from {path!r}: {_describe(path, e)}") from e
     match_vocab(model, tokenizer)
     return model
 

@@ -93,10 +93,16 @@ class RewardModel(nn.Module):
         model = model.to(torch_dtype(dtype))
         head = Path(path) / VALUE_HEAD_FILE
         if head.exists():
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            state = load_file(str(head))
-            model.v_head.load_state_dict({"weight": state["weight"]})
+            try:
+                weight = load_file(str(head))["weight"]
+                model.v_head.load_state_dict({"weight": weight})
+            except (SafetensorError, KeyError, RuntimeError) as e:
+                raise ModelError(f"{head} ({VALUE_HEAD_FILE}) is truncated or corrupt "
+                                 f"({type(e).__name__}: {e}); re-run `chatrl rm` or restore the "
+                                 "file") from e
         elif read_meta(path).get("kind") == "reward_model":
             raise ModelError(f"{path} says it is a reward model but has no {VALUE_HEAD_FILE}; "
                              "the folder is incomplete (re-run `chatrl rm` or restore the file)")

@@ -79,6 +79,11 @@ def run_chat(path: str | ChatModel, max_new_tokens: int = 128, temperature: floa
                    and input_stream.isatty() and output_stream.isatty())
     opening = [{"role": "system", "content": system}] if system else []
     history = list(opening)
+    # Bytes that are not UTF-8 must not end the conversation: decode them as lone surrogates
+    # (surrogateescape) and skip those lines below with a warning.
+    if hasattr(input_stream, "reconfigure") and getattr(input_stream, "errors", "strict") == "strict":
+        input_stream.reconfigure(errors="surrogateescape")
+    line_no = 0
 
     def say(text: str = "", end: str = "\n") -> None:
         output_stream.write(text + end)
@@ -101,6 +106,12 @@ def run_chat(path: str | ChatModel, max_new_tokens: int = 128, temperature: floa
             line = read_line()
             if line is None:  # end of input (Ctrl-D, or the end of a pipe)
                 break
+            line_no += 1
+            if has_surrogates(line):
+                sys.stderr.write(f"warning: input line {line_no} is not valid UTF-8 text; skipped "
+                                 "(the conversation goes on)\n")
+                sys.stderr.flush()
+                continue
             text = line.strip()
             if not text:
                 continue
@@ -137,6 +148,12 @@ def run_chat(path: str | ChatModel, max_new_tokens: int = 128, temperature: floa
         say()
     say("Goodbye.")
     return 0
+
+
+def has_surrogates(text: str) -> bool:
+    """True if `text` holds lone surrogates: undecodable input bytes (surrogateescape) or a JSON
+    "\\ud800" escape. They are not text and no tokenizer can encode them."""
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
 
 
 def chat_main(args: argparse.Namespace, aliases: dict[str, str] | None = None) -> int:

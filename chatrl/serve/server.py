@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ChatRLError
-from .chat import add_generation_args
+from .chat import add_generation_args, has_surrogates
 from .generation import ChatModel, Completion
 
 log = logging.getLogger("chatrl.serve")
@@ -252,7 +252,67 @@ class APIKeyMiddleware:
 
 
 # ---------------------------------------------------------------------------------------------
+# Request size: a pure ASGI middleware, so an oversized body is refused before it is parsed (a
+# 20 MB body would otherwise hold the event loop and then the one generation worker).
+
+class BodyLimitMiddleware:
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self, got: str) -> JSONResponse:
+        return error_response(413, f"the request body is {got} bytes; this server accepts at most "
+                                   f"{self.max_bytes} (chatrl serve --max-request-bytes)",
+                              code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large(length.decode())(scope, receive, send)
+            return
+        # No (or a smaller) Content-Length: read the body here, counting, then hand it on.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._too_large(f"more than {size - len(chunks[-1])}")(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+# ---------------------------------------------------------------------------------------------
 # The app.
+
+def _check_text(req: ChatCompletionRequest) -> None:
+    """JSON may escape lone surrogates ("\\ud800"), which are not text: no tokenizer encodes
+    them. Refuse them as a bad request, naming the field, instead of failing in the model."""
+    fields = [(f"messages[{i}].content", m.content if isinstance(m.content, str)
+               else "".join(p.text for p in m.content)) for i, m in enumerate(req.messages)]
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    fields += [("stop", s) for s in stops]
+    for param, text in fields:
+        if has_surrogates(text):
+            raise APIError(400, f"'{param}' holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                                "escape), which is not valid Unicode text; send UTF-8 text",
+                           param=param)
+
 
 def _settings(req: ChatCompletionRequest, defaults: dict) -> dict:
     if req.n != 1:
@@ -270,8 +330,12 @@ def _settings(req: ChatCompletionRequest, defaults: dict) -> dict:
                 seed=req.seed, stop=stop)
 
 
+DEFAULT_MAX_REQUEST_BYTES = 2 * 1024 * 1024
+
+
 def create_app(chat_model, model_name: str, api_key: str | None = None, max_queue: int = 16, *,
-               max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9) -> FastAPI:
+               max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The FastAPI app serving `chat_model` (a ChatModel, or anything with its `stream`).
 
     Several models: pass {name: model} as `chat_model` and the default one's name as
@@ -281,9 +345,12 @@ def create_app(chat_model, model_name: str, api_key: str | None = None, max_queu
 
     max_queue: requests that may wait for the worker; one more gets 503.
     max_tokens / temperature / top_p: used when a request does not set them.
+    max_request_bytes: larger request bodies get 413 before they are read in full.
     """
     if max_queue < 1:
         raise ChatRLError(f"--max-queue is {max_queue}; it must be at least 1")
+    if max_request_bytes < 1:
+        raise ChatRLError(f"--max-request-bytes is {max_request_bytes}; it must be at least 1")
     models = dict(chat_model) if isinstance(chat_model, dict) else {model_name: chat_model}
     if model_name not in models:
         raise ChatRLError(f"the default model {model_name!r} is not among the models served "
@@ -302,7 +369,8 @@ def create_app(chat_model, model_name: str, api_key: str | None = None, max_queu
     app = FastAPI(title="chatrl", description="OpenAI-compatible chat API", lifespan=lifespan)
     app.state.workers = workers
     app.state.worker = worker
-    if api_key:
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
+    if api_key:  # added last, so it runs first: no body is read for a request without the key
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
@@ -362,6 +430,7 @@ def create_app(chat_model, model_name: str, api_key: str | None = None, max_queu
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
+        _check_text(req)
         settings = _settings(req, defaults)
         job = Job(messages=[m.plain() for m in req.messages], settings=settings,
                   loop=asyncio.get_running_loop())
@@ -464,7 +533,8 @@ def serve(path: str | list[str] | None, host: str = "127.0.0.1", port: int = 800
           api_key: str | None = None, *, web: dict | None = None,
           max_queue: int = 16, model_name: str | None = None, dtype: str = "fp32",
           device: str | None = None, template: str = "auto", max_tokens: int = 256,
-          temperature: float = 0.7, top_p: float = 0.9, log_level: str = "info") -> None:
+          temperature: float = 0.7, top_p: float = 0.9, log_level: str = "info",
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
     """Load the model at `path` and serve it until Ctrl-C (or SIGTERM). port 0: any free port
     (the address is printed).
 
@@ -483,7 +553,7 @@ def serve(path: str | list[str] | None, host: str = "127.0.0.1", port: int = 800
                                  template=template, device=device)
         name = model_name or chat_model.name
         app = create_app(chat_model, name, api_key=api_key, max_queue=max_queue, max_tokens=max_tokens,
-                         temperature=temperature, top_p=top_p)
+                         temperature=temperature, top_p=top_p, max_request_bytes=max_request_bytes)
         bound = sock.getsockname()[1]
         print(f"Serving {', '.join(map(repr, chat_model))} ({chat_model.template} format) at "
               f"http://{host}:{bound}/v1 (OpenAI-compatible{', API key required' if api_key else ''})",
@@ -522,6 +592,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="the model id clients see and send (default: the folder's name)")
     parser.add_argument("--max-queue", "--max_queue", dest="max_queue", type=int, default=16,
                         help="requests that may wait for the model; more get 503 (default 16)")
+    parser.add_argument("--max-request-bytes", "--max_request_bytes", dest="max_request_bytes", type=int,
+                        default=DEFAULT_MAX_REQUEST_BYTES,
+                        help=f"larger request bodies get 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
     parser.add_argument("--log-level", dest="log_level", default="info",
                         choices=("critical", "error", "warning", "info", "debug"))
     from .web import add_web_args
@@ -538,7 +611,7 @@ def serve_main(args: argparse.Namespace) -> int:
     serve(paths or None, web=web_options(args), host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
           model_name=args.model_name, dtype=args.dtype, device=args.device, template=args.template,
           max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-          log_level=args.log_level)
+          log_level=args.log_level, max_request_bytes=args.max_request_bytes)
     return 0
 
 

@@ -10,6 +10,7 @@ batch 1 x accumulation 8, and 2 ranks equal 1 rank with the same global batch.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,11 @@ from ..data.templates import resolve_template
 from ..engine import checkpoint as ckpt
 from ..engine import ds
 from ..engine.flops import matmul_params, train_flops
-from ..errors import DataError
+from ..errors import ConfigError, DataError, OutputError
 from ..logging import MetricsLogger, progress, write_line
 from ..models import load_tokenizer, resolve_model_path
+from ..models.load import META_FILE
+from .guards import checkpoint_guard, guard_metrics, guard_weights, require_value_heads  # noqa: F401
 
 
 @dataclass
@@ -36,16 +39,45 @@ class Run:
     out_dir: Path
     dtype: str
     world: int
-    logger: MetricsLogger
+    logger: MetricsLogger | None
     started: float = field(default_factory=time.time)
+    finished: Path | None = None  # set when --resume finds the step already finished
+    settings: dict = field(default_factory=dict)  # RESUME_SETTINGS of this run
 
     @property
     def ckpt_dir(self) -> Path:
         return self.out_dir / "checkpoints"
 
 
+# The settings a checkpoint is only valid with: the models, the shapes and order of the data, the
+# parallel layout and precision. Resuming with any of them changed is refused, by name.
+RESUME_SETTINGS = (
+    "model_name_or_path", "actor_model_name_or_path", "critic_model_name_or_path",
+    "reward_model_name_or_path", "ref_model_name_or_path", "per_device_train_batch_size",
+    "per_device_generation_batch_size", "per_device_training_batch_size", "generation_batches",
+    "gradient_accumulation_steps", "zero_stage", "actor_zero_stage", "critic_zero_stage", "lora_dim",
+    "actor_lora_dim", "critic_lora_dim", "seed", "data_path", "data_split", "max_seq_len",
+    "max_prompt_seq_len", "max_answer_seq_len")
+
+
+def final_folders(name: str) -> tuple[str, ...]:
+    """The folders a finished step publishes (the first one marks the step finished)."""
+    return ("actor", "critic", "actor_ema") if name == "ppo" else ("model",)
+
+
+def resume_settings(cfg, world: int, dtype: str) -> dict:
+    out = {"world_size": world, "dtype": dtype}
+    for key in RESUME_SETTINGS:
+        value = getattr(cfg, key, None)
+        if value is not None and key.endswith("_name_or_path"):
+            value = resolve_model_path(value)
+        if hasattr(cfg, key):
+            out[key] = value
+    return out
+
+
 def start_run(cfg, name: str) -> Run:
-    """Process group, seed, output folder, resolved config saved, logger."""
+    """Process group, seed, output folder claimed (see claim_output), resolved config saved, logger."""
     dtype = ds.resolve_dtype(cfg.dtype)  # raises before anything is written
     for key in ("model_name_or_path", "actor_model_name_or_path", "critic_model_name_or_path",
                 "reward_model_name_or_path"):
@@ -54,24 +86,111 @@ def start_run(cfg, name: str) -> Run:
     ds.init_distributed()
     ds.seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
+    settings = resume_settings(cfg, ds.world_size(), dtype)
+    finished = claim_output(cfg, name, out, settings)
+    if finished is not None:
+        write_line(f"{name}: already finished; the model is at {finished} (nothing to resume; "
+                   "pass --overwrite instead of --resume to train it again)")
+        return Run(cfg=cfg, name=name, out_dir=out, dtype=dtype, world=ds.world_size(), logger=None,
+                   finished=finished)
+    failure = None
     if ds.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        C.save_config(cfg, out / "run_config.yaml")
+        try:
+            prepare_output(cfg, name, out, settings)
+        except OSError as e:
+            failure = e
+    if ds.all_reduce_sum(torch.tensor([0.0 if failure is None else 1.0])).item():
+        why = os.strerror(failure.errno) if failure is not None and failure.errno else "failed on rank 0"
+        raise OutputError(f"cannot write to --output-dir {out} ({why}"
+                          + (f": {failure.filename}" if failure is not None and failure.filename else "")
+                          + "); make it writable or choose another --output-dir") from failure
     ds.barrier()
     from ..tracking import open_trackers, parse_report_to
 
     logger = MetricsLogger(out, name, tensorboard=cfg.enable_tensorboard and "tensorboard" in
                            parse_report_to(cfg.report_to),
-                           tensorboard_path=cfg.tensorboard_path, console=cfg.print_loss)
+                           tensorboard_path=cfg.tensorboard_path, console=cfg.print_loss,
+                           fresh=not cfg.resume)
     if ds.is_main():
         logger.trackers = open_trackers(cfg.report_to, out, name, config=cfg, project=cfg.wandb_project)
     return Run(cfg=cfg, name=name, out_dir=out, dtype=dtype,
-               world=ds.world_size(), logger=logger)
+               world=ds.world_size(), logger=logger, settings=settings)
+
+
+def claim_output(cfg, name: str, out: Path, settings: dict) -> Path | None:
+    """Decide, reading only (every rank), whether this run may use `out`; returns the finished
+    model folder when --resume finds the step finished.
+
+    A fresh run refuses a folder that holds another run's checkpoints or finished model (unless
+    --overwrite); --resume refuses checkpoints written with different RESUME_SETTINGS.
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output-dir {out} is a file, not a folder; pass a folder (it is created "
+                          "if missing)")
+    ckpt_dir = out / "checkpoints"
+    first = out / final_folders(name)[0]
+    finished = first if (first / META_FILE).exists() else None
+    checkpoints = ckpt.checkpoint_names(ckpt_dir)
+    if cfg.resume:
+        recorded = (ckpt.read_record(ckpt_dir) or {}).get("settings")
+        if checkpoints and recorded:
+            diffs = [f"{k} {recorded[k]} -> {v}" for k, v in settings.items()
+                     if k in recorded and recorded[k] != v]
+            if diffs:
+                raise ConfigError(f"--resume: the checkpoints in {ckpt_dir} were written with other "
+                                  f"settings ({'; '.join(diffs)}); resume with the original ones, or "
+                                  "pass --overwrite instead of --resume (chatrl train: --restart) "
+                                  "to start afresh")
+        return finished
+    if finished and not cfg.overwrite:
+        raise OutputError(f"--output-dir {out} already holds a finished run ({finished}); pass "
+                          "--overwrite to delete it and train again, or choose another --output-dir")
+    if checkpoints and not cfg.overwrite:
+        raise OutputError(f"--output-dir {out} already holds another run's checkpoints "
+                          f"({', '.join(checkpoints)}); add --resume to continue that run, --overwrite "
+                          "to delete it and start afresh, or choose another --output-dir")
+    return None
+
+
+def prepare_output(cfg, name: str, out: Path, settings: dict) -> None:
+    """Rank 0, once the run owns `out`: remove what interrupted saves left, the previous run with
+    --overwrite, a record without checkpoints; then write run_config.yaml."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    leftovers = [p for p in [*out.glob(".*.tmp-*"), *ckpt_dir.glob(".tmp-*")] if p.is_dir()]
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+    if leftovers:
+        write_line(f"{name}: removed {len(leftovers)} temporary folder(s) left by an interrupted save: "
+                   + ", ".join(p.name for p in leftovers))
+    if cfg.overwrite:
+        for folder in ("checkpoints", "tensorboard", *final_folders(name)):
+            shutil.rmtree(out / folder, ignore_errors=True)
+    if not (cfg.resume and ckpt.checkpoint_names(ckpt_dir)):
+        (ckpt_dir / ckpt.RECORD).unlink(missing_ok=True)  # this run writes its own at its first checkpoint
+    C.save_config(cfg, out / "run_config.yaml")
+
+
+def resume_checkpoint(run: Run, engines: dict) -> tuple[Path, dict] | None:
+    """--resume: load the newest readable checkpoint into `engines` (falling back past unreadable
+    ones) and drop the metrics rows logged after it; None (and an empty log) if there is none."""
+    found = ckpt.load_latest(run.ckpt_dir, engines, warn=write_line)
+    if found is None:
+        write_line(f"--resume: no checkpoint in {run.ckpt_dir}; starting from scratch")
+        run.logger.truncate_after(0)
+        return None
+    run.logger.truncate_after(found[1]["step"])
+    return found
 
 
 def prepare_step(cfg, name: str):
-    """start_run + the step's model path, tokenizer and conversation format."""
+    """start_run + the step's model path, tokenizer and conversation format (only the Run when
+    the step is already finished)."""
     run = start_run(cfg, name)
+    if run.finished:
+        return run, None, None, None
     model_path = resolve_model_path(cfg.model_name_or_path)
     tokenizer = load_tokenizer_for(cfg, model_path)
     return run, model_path, tokenizer, template_for(cfg, tokenizer)
@@ -108,7 +227,19 @@ def step_datasets(cfg, tokenizer, template: str, kind: str, step_index: int, max
     if skipped:
         write_line(f"{skipped} bad rows skipped (--skip-bad-rows); per source: "
                    + ", ".join(f"{k}: {v.get('skipped_rows', 0)}" for k, v in raw.stats["sources"].items()))
+    # Rows whose prompt alone reaches the length limit are dropped by tokenization: say how many,
+    # and which limit (step 3 reports its own count, with its prompt limit).
+    limit = (f"--max-prompt-seq-len {max_prompt_len}" if kind == "prompt"
+             else f"--max-seq-len {max_seq_len}")
+    long = {k: (stats[k].get("dropped_long_prompts", 0), stats[k].get("rows_in", 0)) for k in out}
+    if kind != "prompt" and any(n for n, _ in long.values()):
+        write_line(f"{long['train'][0]} of {long['train'][1]} training rows and {long['eval'][0]} of "
+                   f"{long['eval'][1]} eval rows dropped: their prompt alone fills {limit} tokens")
     if len(out["train"]) == 0:
+        n, rows_in = long["train"]
+        if rows_in and n == rows_in:
+            raise DataError(f"step {step_index} has no training rows: all {n} were dropped because "
+                            f"their prompt is longer than {limit} tokens allow; raise {limit.split()[0]}")
         raise DataError(f"step {step_index} has no training rows after splitting "
                         f"{list(cfg.data_path)} with --data-split {cfg.data_split}; give this step "
                         "a larger share or more data")
@@ -181,15 +312,23 @@ def supervised_loop(run: Run, engine, train_ds, spec: LoopSpec, *,
     step, epoch, start_in_epoch = 0, 0, 0
 
     # 1. resume
-    if run.cfg.resume:
-        last = ckpt.latest_checkpoint(run.ckpt_dir)
-        if last is not None:
-            state = ckpt.load_checkpoint(last, {"model": engine})
-            step, epoch, start_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-            run.logger.truncate_after(step)
-            write_line(f"resumed from {last} at step {step} (epoch {epoch}, batch {start_in_epoch})")
-        else:
-            write_line(f"--resume: no checkpoint in {run.ckpt_dir}; starting from scratch")
+    if run.cfg.resume and (found := resume_checkpoint(run, {"model": engine})) is not None:
+        last, state = found
+        step, epoch, start_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        write_line(f"resumed from {last} at step {step} (epoch {epoch}, batch {start_in_epoch})")
+
+    def probe() -> dict:
+        """The loss of the last micro-batch at the current weights (eval mode: no dropout, no RNG)."""
+        engine.eval()
+        try:
+            return {"loss": loss_fn(engine, batch)[0]}
+        finally:
+            engine.train()
+
+    def checkpoint(nxt_epoch: int, nxt_batch: int) -> None:
+        checkpoint_guard(run, f"step {step}", {"model": engine}, probe)
+        ckpt.save_checkpoint(run.ckpt_dir, step, {"model": engine},
+                             {"epoch": nxt_epoch, "batch_in_epoch": nxt_batch})
 
     bar = progress(n_total, f"{run.name} train", spec.progress, initial=step)
     last_eval: dict = {}
@@ -224,6 +363,7 @@ def supervised_loop(run: Run, engine, train_ds, spec: LoopSpec, *,
                 metrics[k] = reduced[i + 1].item() / n_units
             metrics["lr"] = engine.get_lr()[0]
             metrics["epoch"] = epoch + (b + 1) / per_epoch
+            guard_metrics(run, f"step {step}", metrics)
             if step % spec.log_interval == 0 or step == n_total:
                 dt = time.time() - t0
                 tokens = ds.all_reduce_sum(torch.tensor(float(t_tokens))).item()
@@ -239,21 +379,20 @@ def supervised_loop(run: Run, engine, train_ds, spec: LoopSpec, *,
                 last_eval = evaluate()
                 run.logger.log(step, last_eval, kind="eval")
             if spec.checkpoint_interval and step % spec.checkpoint_interval == 0 and step < n_total:
-                nxt_epoch, nxt_b = (epoch, b + 1) if b + 1 < per_epoch else (epoch + 1, 0)
-                ckpt.save_checkpoint(run.ckpt_dir, step, {"model": engine},
-                                     {"epoch": nxt_epoch, "batch_in_epoch": nxt_b})
+                checkpoint(*((epoch, b + 1) if b + 1 < per_epoch else (epoch + 1, 0)))
         epoch += 1
         start_in_epoch = 0
         if not spec.checkpoint_interval and step < n_total:
-            ckpt.save_checkpoint(run.ckpt_dir, step, {"model": engine},
-                                 {"epoch": epoch, "batch_in_epoch": 0})
+            checkpoint(epoch, 0)
         if evaluate and not spec.eval_interval and step < n_total:
             last_eval = evaluate()
             run.logger.log(step, last_eval, kind="eval")
     bar.close()
     if evaluate:
         last_eval = evaluate()
+        guard_metrics(run, f"step {step} (final evaluation)", last_eval)
         run.logger.log(step, last_eval, kind="eval")
+    guard_weights(run, f"step {step}", {"model": engine}, probe)  # before the caller saves the model
     return last_eval
 
 

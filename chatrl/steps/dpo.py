@@ -19,7 +19,7 @@ from ..engine import ds
 from ..engine.rlhf import _frozen
 from ..logging import write_line
 from ..models import load_causal_lm, resolve_model_path
-from ..models.load import model_inputs
+from ..models.load import check_same_tokenizer, model_inputs
 from ..rl import dpo_loss, gather_logprobs
 from . import common
 from .sft import engine_spec, loop_spec, maybe_lora
@@ -39,6 +39,8 @@ def response_logps(model, batch: dict, prompt_lens: torch.Tensor, device) -> tor
 def run_dpo(cfg) -> Path:
     # 0. set-up
     run, model_path, tokenizer, template = common.prepare_step(cfg, "dpo")
+    if run.finished:  # --resume of a finished step
+        return run.finished
 
     # 1. data: step 2's pairs
     train_ds, eval_ds, _ = common.step_datasets(cfg, tokenizer, template, "rm", 2, cfg.max_seq_len)
@@ -47,6 +49,9 @@ def run_dpo(cfg) -> Path:
     # 2. policy (trained) + reference (frozen)
     spec = loop_spec(cfg)
     total = common.total_steps(len(train_ds), spec, run.world)
+    if cfg.ref_model_name_or_path:
+        check_same_tokenizer(model_path, resolve_model_path(cfg.ref_model_name_or_path),
+                             ("policy", "reference model"))
     model = load_causal_lm(model_path, dtype="fp32", dropout=cfg.dropout, tokenizer=tokenizer)
     ref_model = (load_causal_lm(resolve_model_path(cfg.ref_model_name_or_path), dropout=0.0,
                                 tokenizer=tokenizer)

@@ -391,9 +391,8 @@ def build_models(cfg, tokenizer, total_steps: int, dtype: str,
     critic_path = resolve_model_path(cfg.critic_model_name_or_path)
     reward_path = resolve_model_path(cfg.reward_model_name_or_path) if cfg.reward_model_name_or_path \
         else critic_path
-    if not RewardModel.is_reward_model(reward_path):
-        write_line(f"warning: {reward_path} has no trained value head; the reward model starts from "
-                   "a random head (pass the output of `chatrl rm`)")
+    common.require_value_heads({"critic": critic_path, "reward model": reward_path},
+                               cfg.allow_untrained_reward_head)
     return RLHFModels(
         ModelSpec(actor_path, cfg.actor_zero_stage, cfg.actor_dropout, cfg.actor_lora_dim,
                   cfg.actor_lora_module_name, cfg.only_optimize_lora, cfg.actor_learning_rate,
@@ -419,6 +418,8 @@ def iterations_per_epoch(n_prompts: int, cfg, world: int) -> int:
 def run_ppo(cfg) -> Path:
     # 0. set-up
     run = common.start_run(cfg, "ppo")
+    if run.finished:  # --resume of a finished step
+        return run.finished
     actor_path = resolve_model_path(cfg.actor_model_name_or_path)
     tokenizer = common.load_tokenizer_for(cfg, actor_path)
     tokenizer.padding_side = "left"
@@ -462,8 +463,8 @@ def run_ppo(cfg) -> Path:
     # resume
     it, epoch, start_batch = 0, 0, 0
     engines = {"actor": models.actor, "critic": models.critic}
-    if cfg.resume and (last := ckpt.latest_checkpoint(run.ckpt_dir)) is not None:
-        state = ckpt.load_checkpoint(last, engines)
+    if cfg.resume and (found := common.resume_checkpoint(run, engines)) is not None:
+        last, state = found
         it, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
         run.logger.truncate_after(it)
         trainer.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -553,9 +554,7 @@ def run_ppo(cfg) -> Path:
                            "before any update; the PPO ratio is off by that much. "
                            + ("Use --recompute-old-logprobs" if not trainer.recompute_old_logprobs
                               else "Check --dtype and dropout (--actor-dropout 0)"))
-            if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
-                raise FloatingPointError(f"ppo iteration {it}: non-finite metrics {metrics}; lower the "
-                                         "learning rates or check the reward model")
+            common.guard_metrics(run, f"iteration {it}", metrics)
             run.logger.log(it, metrics)
             bar.set_postfix(reward=f"{metrics['reward/score']:.3f}", kl=f"{metrics['policy/kl']:.3f}")
             bar.update(1)
@@ -566,6 +565,7 @@ def run_ppo(cfg) -> Path:
 
                 log_rollouts(run.out_dir, it, exps, tokenizer)  # for `chatrl inspect`
             if cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0 and it < n_iters:
+                common.checkpoint_guard(run, f"iteration {it}", engines, lambda: probe_outputs(trainer, exps[-1]))
                 nxt = (epoch, g + 1) if g + 1 < len(groups) else (epoch + 1, 0)
                 ckpt.save_checkpoint(run.ckpt_dir, it, engines,
                                      {"epoch": nxt[0], "batch_in_epoch": nxt[1],
@@ -579,11 +579,13 @@ def run_ppo(cfg) -> Path:
     bar.close()
 
     # 6. save actor, critic (and EMA) as loadable folders
+    common.guard_weights(run, f"iteration {it}", engines, lambda: probe_outputs(trainer, exps[-1]))
     meta = {"template": template, "base_model": actor_path}
-    ckpt.save_model(models.actor.module, tokenizer, run.out_dir / "actor", {"step": "ppo", **meta})
     ckpt.save_model(models.critic.module, tokenizer, run.out_dir / "critic", {"step": "ppo-critic", **meta})
     if models.actor_ema is not None:
         save_ema(models, tokenizer, run.out_dir / "actor_ema", {"step": "ppo-ema", **meta})
+    # The actor last: actor/chatrl.json marks step 3 finished (chatrl train, --resume).
+    ckpt.save_model(models.actor.module, tokenizer, run.out_dir / "actor", {"step": "ppo", **meta})
     write_line(f"ppo: done; actor saved to {run.out_dir / 'actor'}")
     common.finish_run(run)
     return run.out_dir / "actor"
@@ -603,6 +605,18 @@ def save_ema(models: RLHFModels, tokenizer, out_dir: Path, meta: dict) -> None:
         module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_meta(tmp, kind="causal_lm", **meta)
+
+
+def probe_outputs(trainer: PPOTrainer, exp: Experience) -> dict:
+    """Actor logits and critic values on two rows of the last experience at the current weights
+    (eval mode, no RNG): what common.guard_weights checks after an update, before a save."""
+    m, rows = trainer.models, exp.select(torch.arange(min(2, exp.batch_size)))
+    m.actor.eval(), m.critic.eval()
+    try:
+        return {"actor outputs": answer_logits(m.actor, rows.sequences, rows.attention_mask, rows.prompt_len),
+                "critic values": answer_values(m.critic, rows.sequences, rows.attention_mask, rows.prompt_len)}
+    finally:
+        m.actor.train(), m.critic.train()
 
 
 def _mean_stats(rows: list[dict], prefixes: tuple) -> dict:

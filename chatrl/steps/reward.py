@@ -35,6 +35,8 @@ def pair_scores(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor,
 def run_rm(cfg) -> Path:
     # 0. set-up
     run, model_path, tokenizer, template = common.prepare_step(cfg, "rm")
+    if run.finished:  # --resume of a finished step
+        return run.finished
 
     # 1. data
     train_ds, eval_ds, stats = common.step_datasets(cfg, tokenizer, template, "rm", 2, cfg.max_seq_len)

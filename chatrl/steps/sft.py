@@ -59,6 +59,8 @@ def label_tokens(row: dict, train_on_prompt: bool) -> int:
 def run_sft(cfg) -> Path:
     # 0. set-up
     run, model_path, tokenizer, template = common.prepare_step(cfg, "sft")
+    if run.finished:  # --resume of a finished step
+        return run.finished
 
     # 1. data: this step's slice, tokenized without padding, cached
     train_ds, eval_ds, stats = common.step_datasets(cfg, tokenizer, template, "sft", 1, cfg.max_seq_len)

@@ -79,11 +79,12 @@ def _unique(name: str, taken: set) -> str:
     return out
 
 
-def build_reward_sources(reward_fns: list[str], *, reward_model=None, reward_model_name: str = "model",
+def build_reward_sources(reward_fns: list[str], *, reward_model=None,
                          reward_url: str | None = None, weights: list[float] | None = None,
                          answer_column: str = "answer", format_pattern: str | None = None,
                          timeout: float = 30.0, retries: int = 2) -> tuple[list, list[float]]:
-    """(sources, weights) in the order: --reward-fn entries, the reward model, --reward-url."""
+    """(sources, weights) in the order: --reward-fn entries, the reward model, --reward-url.
+    reward_model: a RewardModelSource (chatrl.rewards.model), or None."""
     from .remote import RemoteReward
 
     sources, taken = [], set()
@@ -95,9 +96,8 @@ def build_reward_sources(reward_fns: list[str], *, reward_model=None, reward_mod
             fn = load_reward_function(spec)
             sources.append(FunctionReward(fn, _unique(getattr(fn, "__name__", "fn"), taken)))
     if reward_model is not None:
-        from .model import RewardModelSource
-
-        sources.append(RewardModelSource(reward_model, _unique(reward_model_name, taken)))
+        reward_model.name = _unique(reward_model.name, taken)
+        sources.append(reward_model)
     if reward_url:
         sources.append(RemoteReward(reward_url, _unique("remote", taken), timeout=timeout, retries=retries))
     if not sources:

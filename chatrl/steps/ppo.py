@@ -488,22 +488,26 @@ DEFAULT_VERIFIERS = {"arith": "numeric", "openai/gsm8k": "numeric", "hendrycks/c
                      "competition_math": "math", "DigitalLearningGmbH/MATH-lighteval": "math"}
 
 
-def reward_sources(cfg, models: RLHFModels) -> tuple[list, list[float]]:
-    """The run's reward sources and weights (chatrl.rewards). With none given, prompt data with a
-    checkable answer (arith, gsm8k, competition math) gets its verifier."""
+def reward_sources(cfg) -> tuple[list, list[float]]:
+    """The run's reward sources and weights (chatrl.rewards), built before any model loads so a
+    bad --reward-fn fails at once; the reward-model source gets its model after build_models.
+    With none given, prompt data with a checkable answer (arith, gsm8k, competition math) gets
+    its verifier."""
     from ..rewards.functions import build_reward_sources
+    from ..rewards.model import RewardModelSource
 
+    has_rm = reward_model_path(cfg) is not None
     fns = list(cfg.reward_fn)
-    if not fns and models.reward is None and not cfg.reward_url:
+    if not fns and not has_rm and not cfg.reward_url:
         known = {DEFAULT_VERIFIERS.get(str(p).split(":")[0]) for p in cfg.data_path}
         if len(known) == 1 and None not in known:
             fns = [known.pop()]
             write_line(f"reward: the built-in `{fns[0]}` verifier against the data's answers "
                        "(choose others with --reward-fn)")
     return build_reward_sources(
-        fns, reward_model=models.reward, reward_url=cfg.reward_url, weights=cfg.reward_weights,
-        answer_column=cfg.answer_column, format_pattern=cfg.format_pattern,
-        timeout=cfg.reward_timeout, retries=cfg.reward_retries)
+        fns, reward_model=RewardModelSource(None, "model") if has_rm else None,
+        reward_url=cfg.reward_url, weights=cfg.reward_weights, answer_column=cfg.answer_column,
+        format_pattern=cfg.format_pattern, timeout=cfg.reward_timeout, retries=cfg.reward_retries)
 
 
 def collect_experience(trainer: PPOTrainer, stream: PromptStream, prompts, n_batches: int,
@@ -583,9 +587,12 @@ def run_ppo(cfg) -> Path:
     # PTX takes its own actor optimizer step after each PPO step: the actor's schedule counts both
     actor_steps = opt_steps * (2 if cfg.unsupervised_dataset_name else 1)
 
-    # 2. models and reward sources
+    # 2. reward sources, models
+    sources, weights = reward_sources(cfg)
     models = build_models(cfg, tokenizer, opt_steps, run.dtype, actor_total_steps=actor_steps)
-    sources, weights = reward_sources(cfg, models)
+    for source in sources:
+        if hasattr(source, "model") and source.model is None:
+            source.model = models.reward
     trainer = PPOTrainer(models, cfg, sources, weights)
     ptx, ptx_used = None, 0
     flops_actor = matmul_params(models.actor.module)
@@ -617,6 +624,11 @@ def run_ppo(cfg) -> Path:
     stream = PromptStream(len(train_ds), cfg.seed, gb * world, per_epoch * cfg.generation_batches,
                           epoch, start_batch)
 
+    evaluate = bool(cfg.eval_prompts and len(eval_ds))
+    if evaluate and it == 0:  # the starting point, for comparison
+        from .rl_eval import evaluate_policy
+
+        run.logger.log(0, evaluate_policy(trainer, eval_ds, cfg, seed=cfg.seed), kind="eval")
     bar = progress(n_iters, name, cfg.progress, initial=it, unit="iter")
     gap_warned = False
     while it < n_iters:
@@ -638,7 +650,8 @@ def run_ppo(cfg) -> Path:
                     critic_scales = scales if unit == "token" or models.critic is None else \
                         token_scales(exp, step_rows, "token", global_units(exp, step_rows, "token"), world)
                     for rows, scale, cscale in zip(step_rows, scales, critic_scales):
-                        trainer.train_rlhf(exp.select(rows), loss_scale=scale, critic_scale=cscale)
+                        trainer.train_rlhf(exp.select(rows), loss_scale=scale,
+                                           **({"critic_scale": cscale} if cscale != scale else {}))
                         train_stats.append(dict(trainer.last_stats))
                     # PTX: its own optimizer step after each PPO step (as DeepSpeed-Chat),
                     # of as many micro-batches, so accumulation never mixes the two.
@@ -694,8 +707,7 @@ def run_ppo(cfg) -> Path:
         run.logger.log(it, metrics)
         bar.set_postfix(reward=f"{metrics['reward/score']:.3f}", kl=f"{metrics.get('policy/kl', 0.0):.3f}")
         bar.update(1)
-        if cfg.eval_prompts and len(eval_ds) and (
-                (cfg.eval_interval and it % cfg.eval_interval == 0) or it == n_iters):
+        if evaluate and ((cfg.eval_interval and it % cfg.eval_interval == 0) or it == n_iters):
             from .rl_eval import evaluate_policy
 
             run.logger.log(it, evaluate_policy(trainer, eval_ds, cfg, seed=cfg.seed + it), kind="eval")

@@ -83,3 +83,54 @@ def evaluate_policy(trainer, eval_rows, cfg, seed: int = 0) -> dict:
                     f"eval/pass@{k}": s["passk"] / max(s["prompts"], 1)})
     out["time/eval"] = time.time() - t0
     return out
+
+
+def eval_rl_main(argv: list[str]) -> int:
+    """`chatrl eval rl --path MODEL [options of chatrl grpo]`: the evaluation above for a saved
+    model (or any model: "default" is the embedded SmolLM2-135M-Instruct), on the held-out
+    prompts of --data-path (default: the arithmetic task) with the run's reward options."""
+    import argparse
+    import json
+    from types import SimpleNamespace
+
+    from .. import config as C
+    from ..engine.hybrid import GenerationParams, HybridEngine
+    from ..models import load_causal_lm, read_meta, resolve_model_path
+    from ..models.load import load_tokenizer
+    from .common import template_for
+    from .ppo import load_prompts, reward_sources
+
+    parser = argparse.ArgumentParser(prog="chatrl eval rl", description=eval_rl_main.__doc__)
+    parser.add_argument("--path", "--model-name-or-path", "--model_name_or_path", dest="path",
+                        default="default", help="the model to evaluate")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    C.add_config_args(parser, C.RLConfig, skip=("actor_model_name_or_path", "output_dir"))
+    ns = parser.parse_args(argv)
+    cli = {k: v for k, v in vars(ns).items() if k not in ("path", "json")}
+    cfg = C.build_config(C.RLConfig, cli={**cli, "output_dir": "unused",
+                                          "actor_model_name_or_path": ns.path})
+    path = resolve_model_path(ns.path)
+    tok = load_tokenizer(path, padding_side="left")
+    template = template_for(cfg, tok)
+    template = read_meta(path).get("template", template) if cfg.template == "auto" else template
+    _, eval_rows = load_prompts(cfg, tok, template, "eval")
+    sources, weights = reward_sources(cfg)
+    dtype = ds.resolve_dtype(cfg.dtype)
+    model = load_causal_lm(path, dtype=dtype, tokenizer=tok).to(ds.device()).eval()
+    ds.seed_everything(cfg.seed)
+    params = GenerationParams(max_new_tokens=cfg.max_answer_seq_len, temperature=cfg.temperature,
+                              top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+    evaluator = SimpleNamespace(models=SimpleNamespace(hybrid=HybridEngine(SimpleNamespace(module=model))),
+                                tokenizer=tok, sources=sources, weights=weights, gen_params=params,
+                                device=ds.device())
+    res = evaluate_policy(evaluator, eval_rows, cfg, seed=cfg.seed)
+    res["model"] = path
+    if ns.json:
+        print(json.dumps(res))
+    else:
+        print(f"{path} on {int(res['eval/prompts'])} held-out prompts:")
+        for k, v in res.items():
+            if k.startswith("eval/") and k != "eval/prompts":
+                print(f"  {k[5:]:>18}: {v:.4f}")
+    return 0

@@ -311,12 +311,15 @@ class PPOConfig(CommonConfig):
         # Each rollout batch is cut into optimizer steps of micro-batch x accumulation rows. A
         # remainder would leave DeepSpeed's accumulation counter mid-step, so the next rollout's
         # (or PTX's) micro-batches would join that optimizer step.
-        gen, micro = self.per_device_generation_batch_size * algo.num_generations, \
-            self.per_device_training_batch_size
+        G, micro = algo.num_generations, self.per_device_training_batch_size
+        gen = self.per_device_generation_batch_size * G
         step_rows = micro * self.gradient_accumulation_steps
         if gen % step_rows:
+            what = (f"--per-device-generation-batch-size {gen}" if G == 1 else
+                    f"--per-device-generation-batch-size {self.per_device_generation_batch_size} x "
+                    f"--num-generations {G} = {gen} answers")
             raise ConfigError(
-                f"--per-device-generation-batch-size x --num-generations = {gen} answers is not a multiple of "
+                f"{what} is not a multiple of "
                 f"--per-device-training-batch-size {micro} x --gradient-accumulation-steps "
                 f"{self.gradient_accumulation_steps} = {step_rows}, so one optimizer step would mix "
                 f"two rollouts (or PPO and PTX); raise the generation batch to a multiple of "

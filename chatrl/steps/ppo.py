@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from ..data import collate_prompts
 from ..engine import checkpoint as ckpt
 from ..engine import ds
 from ..engine.flops import forward_flops, matmul_params, train_flops
@@ -43,124 +41,10 @@ from ..rl import (AdaptiveKLController, FixedKLController, RunningMoments, infor
                   kl_penalty, masked_moments, overlong_penalty, sft_loss, whiten_from_moments)
 from . import common
 from . import stages
-from .stages import (answer_logits, answer_values, ended_with_eos,  # noqa: F401  (re-exported)
-                     logprob_gap_stats)
-
-
-@dataclass
-class Experience:
-    """One rollout batch. Answer-aligned tensors are [B, R]; `sequences` is [B, P + R].
-
-    ref_logprobs is None without a reference model (KL coefficient 0), values None without a
-    critic. The G answers to one prompt are consecutive rows (group_size G); `rows` holds each
-    answer's prompt-data row, `accuracy` [B] the first correctness verifier's verdict."""
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    action_mask: torch.Tensor
-    prompt_len: int
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor | None
-    values: torch.Tensor | None
-    scores: torch.Tensor
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    group_size: int = 1
-    rows: list | None = None
-    accuracy: torch.Tensor | None = None
-
-    def select(self, idx: torch.Tensor) -> "Experience":
-        """Rows `idx`, with columns no row of them uses trimmed (left prompt pad, right answer pad)."""
-        ids = idx.tolist()
-        sub = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            sub[f.name] = v[idx] if isinstance(v, torch.Tensor) else \
-                ([v[i] for i in ids] if isinstance(v, list) else v)
-        P = self.prompt_len
-        used = sub["attention_mask"][:, :P].any(0).nonzero()
-        start = int(used[0]) if len(used) else P - 1
-        start = min(start, P - 1)
-        ans = sub["action_mask"].any(0).nonzero()
-        end = int(ans[-1]) + 1 if len(ans) else 1
-        out = {}
-        for k, v in sub.items():
-            if k in ("sequences", "attention_mask"):
-                out[k] = v[:, start:P + end]
-            elif isinstance(v, torch.Tensor) and v.dim() == 2:
-                out[k] = v[:, :end]
-            else:
-                out[k] = v
-        out["prompt_len"] = P - start
-        return Experience(**out)
-
-    @classmethod
-    def concat(cls, exps: list["Experience"], pad_id: int = 0) -> "Experience":
-        """Several experiences as one: prompts left-padded to the longest prompt, answers and
-        answer-aligned tensors right-padded to the longest answer (pad: `pad_id` / 0)."""
-        P = max(e.prompt_len for e in exps)
-        R = max(e.action_mask.shape[1] for e in exps)
-
-        def pad(t, left, right, value):
-            return torch.nn.functional.pad(t, (left, right), value=value)
-
-        out = {}
-        for f in fields(cls):
-            vals = [getattr(e, f.name) for e in exps]
-            if f.name in ("sequences", "attention_mask"):
-                out[f.name] = torch.cat([pad(v, P - e.prompt_len, R - e.action_mask.shape[1],
-                                             pad_id if f.name == "sequences" else 0)
-                                         for v, e in zip(vals, exps)])
-            elif vals[0] is None:
-                out[f.name] = None
-            elif isinstance(vals[0], torch.Tensor) and vals[0].dim() == 2:
-                out[f.name] = torch.cat([pad(v, 0, R - v.shape[1], 0) for v in vals])
-            elif isinstance(vals[0], torch.Tensor):
-                out[f.name] = torch.cat(vals)
-            elif isinstance(vals[0], list):
-                out[f.name] = [x for v in vals for x in v]
-            else:
-                out[f.name] = vals[0]
-        out["prompt_len"] = P
-        return cls(**out)
-
-    _DSCHAT_KEYS = {"prompts": None, "logprobs": "logprobs", "ref_logprobs": "ref_logprobs",
-                    "value": "values", "rewards": "rewards", "input_ids": "sequences",
-                    "attention_mask": "attention_mask"}
-
-    def __getitem__(self, key: str):
-        """DeepSpeed-Chat's experience keys (`out["value"]`, `out["prompts"]`, ...)."""
-        if key == "prompts":
-            return self.sequences[:, :self.prompt_len]
-        if key in self._DSCHAT_KEYS:
-            return getattr(self, self._DSCHAT_KEYS[key])
-        return getattr(self, key)
-
-    def keys(self):
-        return [*self._DSCHAT_KEYS, "action_mask", "advantages", "returns", "scores", "prompt_len"]
-
-    def items(self):
-        """(key, tensor) pairs, so DeepSpeed-Chat's MiniDataset can slice an experience."""
-        for k in self.keys():
-            v = self[k]
-            yield k, (torch.full((self.batch_size,), v) if k == "prompt_len" else v)
-
-    def __len__(self) -> int:
-        return self.batch_size
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Experience":
-        """Rebuild from items() output (possibly sliced along the batch)."""
-        p = d["prompt_len"]
-        p = int(p.flatten()[0]) if isinstance(p, torch.Tensor) else int(p)
-        return cls(sequences=d["input_ids"], attention_mask=d["attention_mask"],
-                   action_mask=d["action_mask"], prompt_len=p, logprobs=d["logprobs"],
-                   ref_logprobs=d["ref_logprobs"], values=d["value"], scores=d["scores"],
-                   rewards=d["rewards"], advantages=d["advantages"], returns=d["returns"])
-
-    @property
-    def batch_size(self) -> int:
-        return self.sequences.shape[0]
+from .online import (PromptStream, collect_experience, load_prompts,  # noqa: F401  (re-exported)
+                     reward_model_path, reward_sources)
+from .stages import (Experience, answer_logits, answer_values, ended_with_eos,  # noqa: F401
+                     logprob_gap_stats)  # (re-exported: the API, tests and benchmarks import them here)
 
 
 class PPOTrainer:
@@ -394,17 +278,6 @@ def whiten_experiences(exps: list[Experience], shift_mean: bool = True) -> None:
 
 # ---------------------------------------------------------------------------- the step
 
-def reward_model_path(cfg) -> str | None:
-    """The frozen reward model's folder, or None when the run has no reward model: the explicit
-    --reward-model-name-or-path; else, when no reward function or server is given, the critic's
-    starting folder (PPO's default)."""
-    if cfg.reward_model_name_or_path:
-        return resolve_model_path(cfg.reward_model_name_or_path)
-    if not cfg.reward_fn and not cfg.reward_url and cfg.critic_model_name_or_path:
-        return resolve_model_path(cfg.critic_model_name_or_path)
-    return None
-
-
 def build_models(cfg, tokenizer, total_steps: int, dtype: str,
                  actor_total_steps: int | None = None) -> RLHFModels:
     algo = cfg.algorithm()
@@ -439,117 +312,33 @@ def iterations_per_epoch(n_prompts: int, cfg, world: int) -> int:
     return n_prompts // per_iter
 
 
-class PromptStream:
-    """The global rollout batches of prompt indices, epoch after epoch (seeded shuffle per epoch,
-    `per_epoch` batches each); `state` (epoch, batch) goes into checkpoints, so a resumed run
-    draws the same prompts. Dynamic sampling draws more batches per iteration than plain runs."""
-
-    def __init__(self, n_rows: int, seed: int, global_batch: int, per_epoch: int,
-                 epoch: int = 0, batch: int = 0):
-        self.n_rows, self.seed, self.global_batch, self.per_epoch = n_rows, seed, global_batch, per_epoch
-        self.epoch, self.batch = epoch, batch
-        self._order: tuple[int, list] | None = None
-
-    def next(self) -> list[int]:
-        if self.batch >= self.per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
-        if self._order is None or self._order[0] != self.epoch:
-            self._order = (self.epoch, common.epoch_batches(self.n_rows, self.seed, self.epoch,
-                                                            self.global_batch))
-        rows = self._order[1][self.batch]
-        self.batch += 1
-        return rows
-
-    def state(self) -> dict:
-        epoch, batch = (self.epoch + 1, 0) if self.batch >= self.per_epoch else (self.epoch, self.batch)
-        return {"epoch": epoch, "batch_in_epoch": batch}
-
-
-def load_prompts(cfg, tokenizer, template: str, name: str):
-    """(train, eval) prompt rows with `prompt_input_ids`: step 3's slice of the preference data
-    for `chatrl ppo`; prompt data with columns (chatrl.data.prompts) for `chatrl grpo` / `rl`."""
-    if not hasattr(cfg, "algo"):
-        train, ev, stats = common.step_datasets(cfg, tokenizer, template, "prompt", 3,
-                                                cfg.max_prompt_seq_len + cfg.max_answer_seq_len,
-                                                cfg.max_prompt_seq_len)
-        dropped = stats["train"].get("dropped_long_prompts", 0)
-    else:
-        from ..data.prompts import load_prompt_data, tokenize_prompts
-
-        data = load_prompt_data(list(cfg.data_path), seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows)
-        train, dropped = tokenize_prompts(data.train, tokenizer, template, cfg.max_prompt_seq_len)
-        ev, _ = tokenize_prompts(data.eval, tokenizer, template, cfg.max_prompt_seq_len)
-    write_line(f"{name}: {len(train)} prompts ({dropped} longer than {cfg.max_prompt_seq_len} "
-               f"tokens dropped), {template} format")
-    return train, ev
-
-
-DEFAULT_VERIFIERS = {"arith": "numeric", "openai/gsm8k": "numeric", "hendrycks/competition_math": "math",
-                     "competition_math": "math", "DigitalLearningGmbH/MATH-lighteval": "math"}
-
-
-def reward_sources(cfg) -> tuple[list, list[float]]:
-    """The run's reward sources and weights (chatrl.rewards), built before any model loads so a
-    bad --reward-fn fails at once; the reward-model source gets its model after build_models.
-    With none given, prompt data with a checkable answer (arith, gsm8k, competition math) gets
-    its verifier."""
-    from ..rewards.functions import build_reward_sources
-    from ..rewards.model import RewardModelSource
-
-    has_rm = reward_model_path(cfg) is not None
-    fns = list(cfg.reward_fn)
-    if not fns and not has_rm and not cfg.reward_url:
-        known = {DEFAULT_VERIFIERS.get(str(p).split(":")[0]) for p in cfg.data_path}
-        if len(known) == 1 and None not in known:
-            fns = [known.pop()]
-            write_line(f"reward: the built-in `{fns[0]}` verifier against the data's answers "
-                       "(choose others with --reward-fn)")
-    return build_reward_sources(
-        fns, reward_model=RewardModelSource(None, "model") if has_rm else None,
-        reward_url=cfg.reward_url, weights=cfg.reward_weights, answer_column=cfg.answer_column,
-        format_pattern=cfg.format_pattern, timeout=cfg.reward_timeout, retries=cfg.reward_retries)
-
-
-def collect_experience(trainer: PPOTrainer, stream: PromptStream, prompts, n_batches: int,
-                       gb: int, rank: int, max_rounds: int) -> tuple[list[Experience], list[dict], dict]:
-    """Stages 1-3 for one update: `n_batches` rollout batches of `gb` prompts on this rank.
-
-    With dynamic sampling (DAPO), groups whose answers all scored the same are dropped and more
-    batches are drawn until every rank holds n_batches x gb informative groups (at most
-    max_rounds x n_batches batches; then dropped groups fill the rest, counted); the kept groups
-    become one experience. Returns (experiences, per-batch stats, sampling stats)."""
-    tok = trainer.tokenizer
-
-    def one_batch():
-        rows = stream.next()[rank * gb:(rank + 1) * gb]
-        data = [prompts[i] for i in rows]
-        batch = collate_prompts(data, tok.pad_token_id)
-        exp = trainer.make_experience(batch["input_ids"], batch["attention_mask"], rows=data)
-        return exp, dict(trainer.last_stats)
-
-    if not trainer.algo.dynamic_sampling:
-        pairs = [one_batch() for _ in range(n_batches)]
-        return [p[0] for p in pairs], [p[1] for p in pairs], {}
-    G, target = trainer.algo.num_generations, n_batches * gb
-    kept, spare, stats, rounds = [], [], [], 0
-    while True:
-        exp, st = one_batch()
-        stats.append(st)
-        rounds += 1
-        keep = informative_groups(exp.scores.cpu(), G)
-        for part, mask in ((kept, keep), (spare, ~keep)):
-            idx = torch.nonzero(mask.repeat_interleave(G)).flatten()
-            if len(idx):
-                part.append(exp.select(idx))
-        have = sum(e.batch_size for e in kept) // G
-        # every rank keeps drawing until all have enough (generation is collective under ZeRO-3)
-        short = ds.all_reduce_sum(torch.tensor([float(have < target)], dtype=torch.float64)).item()
-        if short == 0 or rounds >= max_rounds * n_batches:
-            break
-    filled = max(target - have, 0)
-    parts = kept + spare
-    exp = Experience.concat(parts, tok.pad_token_id).select(torch.arange(target * G))
-    return [exp], stats, {"sampling/rounds": float(rounds), "sampling/filled_groups": float(filled)}
+def update_epochs(trainer: PPOTrainer, exps: list[Experience], ptx=None) -> tuple[list[dict], int]:
+    """Stage 4 for one update: --ppo-epochs passes over shuffled mini-batches of each experience
+    (within one experience: no re-padding), each micro-batch's loss scaled so that an optimizer
+    step sees the aggregate over its rows on ALL ranks (token mean over the global batch, or the
+    sequence means); PTX steps after each step. Returns (per-micro-batch stats, PTX batches used)."""
+    cfg, world = trainer.cfg, ds.world_size()
+    unit = "token" if trainer.algo.aggregation == "token_mean" else "seq"
+    has_critic = trainer.models.critic is not None
+    stats, n_ptx = [], 0
+    for _ in range(cfg.ppo_epochs):
+        for exp in exps:
+            for step_rows in minibatch_rows(exp, cfg.per_device_training_batch_size,
+                                            cfg.gradient_accumulation_steps):
+                scales = token_scales(exp, step_rows, unit, global_units(exp, step_rows, unit), world)
+                critic_scales = scales if unit == "token" or not has_critic else \
+                    token_scales(exp, step_rows, "token", global_units(exp, step_rows, "token"), world)
+                for rows, scale, cscale in zip(step_rows, scales, critic_scales):
+                    trainer.train_rlhf(exp.select(rows), loss_scale=scale,
+                                       **({"critic_scale": cscale} if cscale != scale else {}))
+                    stats.append(dict(trainer.last_stats))
+                # PTX: its own optimizer step after each PPO step (as DeepSpeed-Chat),
+                # of as many micro-batches, so accumulation never mixes the two.
+                for k in range(len(step_rows) if ptx is not None else 0):
+                    ptx_loss = trainer.train_unsupervised(next(ptx), cfg.unsup_coef)
+                    n_ptx += 1
+                    stats[k - len(step_rows)]["loss/ptx"] = ptx_loss.item()
+    return stats, n_ptx
 
 
 def run_ppo(cfg) -> Path:
@@ -597,7 +386,6 @@ def run_ppo(cfg) -> Path:
     ptx, ptx_used = None, 0
     flops_actor = matmul_params(models.actor.module)
     flops_critic = matmul_params(models.critic.module) if models.critic is not None else 0
-    unit = "token" if algo.aggregation == "token_mean" else "seq"
 
     # resume
     it, epoch, start_batch = 0, 0, 0
@@ -641,24 +429,8 @@ def run_ppo(cfg) -> Path:
         # 4. update: epochs over mini-batches (each within one experience: no re-padding); each
         # micro-batch's loss scaled so the optimizer step sees the global batch's aggregate
         t_train = time.time()
-        train_stats = []
-        for _ in range(cfg.ppo_epochs):
-            for exp in exps:
-                for step_rows in minibatch_rows(exp, cfg.per_device_training_batch_size,
-                                                cfg.gradient_accumulation_steps):
-                    scales = token_scales(exp, step_rows, unit, global_units(exp, step_rows, unit), world)
-                    critic_scales = scales if unit == "token" or models.critic is None else \
-                        token_scales(exp, step_rows, "token", global_units(exp, step_rows, "token"), world)
-                    for rows, scale, cscale in zip(step_rows, scales, critic_scales):
-                        trainer.train_rlhf(exp.select(rows), loss_scale=scale,
-                                           **({"critic_scale": cscale} if cscale != scale else {}))
-                        train_stats.append(dict(trainer.last_stats))
-                    # PTX: its own optimizer step after each PPO step (as DeepSpeed-Chat),
-                    # of as many micro-batches, so accumulation never mixes the two.
-                    for k in range(len(step_rows) if ptx is not None else 0):
-                        ptx_loss = trainer.train_unsupervised(next(ptx), cfg.unsup_coef)
-                        ptx_used += 1
-                        train_stats[k - len(step_rows)]["loss/ptx"] = ptx_loss.item()
+        train_stats, n_ptx = update_epochs(trainer, exps, ptx)
+        ptx_used += n_ptx
         t_train = time.time() - t_train
         # 5. EMA, KL controller, metrics, evaluation, answers, checkpoint
         models.update_ema(cfg.ema_beta)

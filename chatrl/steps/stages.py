@@ -3,7 +3,7 @@ benchmark and by the tests — never a copy of the loop:
 
     rollout(hybrid, prompts, params, n_samples)   -> Rollout   tokens, masks, old log-probs
     score(rollout, tokenizer, sources, weights)   -> Scores    per source, per answer
-    compute_advantages(algo, ...)                 -> rewards, advantages, returns
+    compute_advantages(algo, ...)                 -> rewards, advantages, returns   (an Experience)
     update_policy(actor, batch, algo, ...)        -> actor loss + stats   (clipped objective)
     update_critic(critic, batch, ...)             -> critic loss + stats  (PPO only)
 
@@ -16,7 +16,7 @@ rollout batches (whitening: ppo.whiten_experiences); group baselines are local b
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -27,7 +27,7 @@ from ..rl import (AlgoSettings, clipped_policy_loss, discounted_returns, entropy
                   gae_advantages, gather_logprobs, group_advantages, kl_shaped_rewards, masked_mean,
                   response_mask, rloo_advantages, sequence_to_tokens, value_loss)
 
-__all__ = ["Rollout", "rollout", "forward_logprobs", "answer_logits", "answer_values",
+__all__ = ["Experience", "Rollout", "rollout", "forward_logprobs", "answer_logits", "answer_values",
            "ended_with_eos", "logprob_gap_stats", "scoring_batch", "score", "compute_advantages", "update_policy",
            "update_critic"]
 
@@ -151,6 +151,124 @@ def rollout(hybrid, input_ids: torch.Tensor, attention_mask: torch.Tensor, param
         logprobs = gen_logprobs
     ended = ended_with_eos(answer, action_mask, params.eos_token_id)
     return Rollout(seq, mask, action_mask, P, logprobs, ended, n_samples, list(rows or []), stats)
+
+
+# ---------------------------------------------------------------------------- the experience
+
+@dataclass
+class Experience:
+    """One rollout batch. Answer-aligned tensors are [B, R]; `sequences` is [B, P + R].
+
+    ref_logprobs is None without a reference model (KL coefficient 0), values None without a
+    critic. The G answers to one prompt are consecutive rows (group_size G); `rows` holds each
+    answer's prompt-data row, `accuracy` [B] the first correctness verifier's verdict."""
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor
+    prompt_len: int
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+    values: torch.Tensor | None
+    scores: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    group_size: int = 1
+    rows: list | None = None
+    accuracy: torch.Tensor | None = None
+
+    def select(self, idx: torch.Tensor) -> "Experience":
+        """Rows `idx`, with columns no row of them uses trimmed (left prompt pad, right answer pad)."""
+        ids = idx.tolist()
+        sub = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            sub[f.name] = v[idx] if isinstance(v, torch.Tensor) else \
+                ([v[i] for i in ids] if isinstance(v, list) else v)
+        P = self.prompt_len
+        used = sub["attention_mask"][:, :P].any(0).nonzero()
+        start = int(used[0]) if len(used) else P - 1
+        start = min(start, P - 1)
+        ans = sub["action_mask"].any(0).nonzero()
+        end = int(ans[-1]) + 1 if len(ans) else 1
+        out = {}
+        for k, v in sub.items():
+            if k in ("sequences", "attention_mask"):
+                out[k] = v[:, start:P + end]
+            elif isinstance(v, torch.Tensor) and v.dim() == 2:
+                out[k] = v[:, :end]
+            else:
+                out[k] = v
+        out["prompt_len"] = P - start
+        return Experience(**out)
+
+    @classmethod
+    def concat(cls, exps: list["Experience"], pad_id: int = 0) -> "Experience":
+        """Several experiences as one: prompts left-padded to the longest prompt, answers and
+        answer-aligned tensors right-padded to the longest answer (pad: `pad_id` / 0)."""
+        P = max(e.prompt_len for e in exps)
+        R = max(e.action_mask.shape[1] for e in exps)
+
+        def pad(t, left, right, value):
+            return torch.nn.functional.pad(t, (left, right), value=value)
+
+        out = {}
+        for f in fields(cls):
+            vals = [getattr(e, f.name) for e in exps]
+            if f.name in ("sequences", "attention_mask"):
+                out[f.name] = torch.cat([pad(v, P - e.prompt_len, R - e.action_mask.shape[1],
+                                             pad_id if f.name == "sequences" else 0)
+                                         for v, e in zip(vals, exps)])
+            elif vals[0] is None:
+                out[f.name] = None
+            elif isinstance(vals[0], torch.Tensor) and vals[0].dim() == 2:
+                out[f.name] = torch.cat([pad(v, 0, R - v.shape[1], 0) for v in vals])
+            elif isinstance(vals[0], torch.Tensor):
+                out[f.name] = torch.cat(vals)
+            elif isinstance(vals[0], list):
+                out[f.name] = [x for v in vals for x in v]
+            else:
+                out[f.name] = vals[0]
+        out["prompt_len"] = P
+        return cls(**out)
+
+    _DSCHAT_KEYS = {"prompts": None, "logprobs": "logprobs", "ref_logprobs": "ref_logprobs",
+                    "value": "values", "rewards": "rewards", "input_ids": "sequences",
+                    "attention_mask": "attention_mask"}
+
+    def __getitem__(self, key: str):
+        """DeepSpeed-Chat's experience keys (`out["value"]`, `out["prompts"]`, ...)."""
+        if key == "prompts":
+            return self.sequences[:, :self.prompt_len]
+        if key in self._DSCHAT_KEYS:
+            return getattr(self, self._DSCHAT_KEYS[key])
+        return getattr(self, key)
+
+    def keys(self):
+        return [*self._DSCHAT_KEYS, "action_mask", "advantages", "returns", "scores", "prompt_len"]
+
+    def items(self):
+        """(key, tensor) pairs, so DeepSpeed-Chat's MiniDataset can slice an experience."""
+        for k in self.keys():
+            v = self[k]
+            yield k, (torch.full((self.batch_size,), v) if k == "prompt_len" else v)
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Experience":
+        """Rebuild from items() output (possibly sliced along the batch)."""
+        p = d["prompt_len"]
+        p = int(p.flatten()[0]) if isinstance(p, torch.Tensor) else int(p)
+        return cls(sequences=d["input_ids"], attention_mask=d["attention_mask"],
+                   action_mask=d["action_mask"], prompt_len=p, logprobs=d["logprobs"],
+                   ref_logprobs=d["ref_logprobs"], values=d["value"], scores=d["scores"],
+                   rewards=d["rewards"], advantages=d["advantages"], returns=d["returns"])
+
+    @property
+    def batch_size(self) -> int:
+        return self.sequences.shape[0]
 
 
 # ---------------------------------------------------------------------------- 2. score

@@ -269,7 +269,8 @@ def test_rl_config_errors_are_one_line(task, tmp_path):
         (["--algo", "grpo", "--num_generations", "1"], "num_generations >= 2"),
         (["--reward_fn", "exact", "--reward_weights", "1", "2"], "--reward-weights has 2 value(s) for 1"),
         (["--reward_fn", "exact", "--per_device_training_batch_size", "5"],
-         "32 answers is not a multiple of --per-device-training-batch-size 5"),
+         "--per-device-generation-batch-size 4 x --num-generations 8 = 32 answers is not a "
+         "multiple of --per-device-training-batch-size 5"),
     ]
     for args, want in cases:
         res = grpo(task, tmp_path / "x", *args, "--max_steps", "1", check=False)

@@ -316,7 +316,9 @@ def update_epochs(trainer: PPOTrainer, exps: list[Experience], ptx=None) -> tupl
     """Stage 4 for one update: --ppo-epochs passes over shuffled mini-batches of each experience
     (within one experience: no re-padding), each micro-batch's loss scaled so that an optimizer
     step sees the aggregate over its rows on ALL ranks (token mean over the global batch, or the
-    sequence means); PTX steps after each step. Returns (per-micro-batch stats, PTX batches used)."""
+    sequence means); PTX steps after each step. Returns (per-micro-batch stats, PTX batches used);
+    "loss/actor_global" is each optimizer step's loss over the global batch, the same on every
+    rank (loss/actor is the micro-batch's own)."""
     cfg, world = trainer.cfg, ds.world_size()
     unit = "token" if trainer.algo.aggregation == "token_mean" else "seq"
     has_critic = trainer.models.critic is not None
@@ -328,10 +330,16 @@ def update_epochs(trainer: PPOTrainer, exps: list[Experience], ptx=None) -> tupl
                 scales = token_scales(exp, step_rows, unit, global_units(exp, step_rows, unit), world)
                 critic_scales = scales if unit == "token" or not has_critic else \
                     token_scales(exp, step_rows, "token", global_units(exp, step_rows, "token"), world)
+                contribution = 0.0
                 for rows, scale, cscale in zip(step_rows, scales, critic_scales):
-                    trainer.train_rlhf(exp.select(rows), loss_scale=scale,
-                                       **({"critic_scale": cscale} if cscale != scale else {}))
+                    actor_loss, _ = trainer.train_rlhf(exp.select(rows), loss_scale=scale,
+                                                       **({"critic_scale": cscale} if cscale != scale else {}))
+                    contribution += float(actor_loss) * scale / (len(step_rows) * world)
                     stats.append(dict(trainer.last_stats))
+                # the optimizer step's loss over the global batch (all micro-batches, all ranks)
+                step_loss = ds.all_reduce_sum(torch.tensor([contribution], dtype=torch.float64)).item()
+                for row in stats[-len(step_rows):]:
+                    row["loss/actor_global"] = step_loss
                 # PTX: its own optimizer step after each PPO step (as DeepSpeed-Chat),
                 # of as many micro-batches, so accumulation never mixes the two.
                 for k in range(len(step_rows) if ptx is not None else 0):

@@ -276,3 +276,22 @@ def test_rl_config_errors_are_one_line(task, tmp_path):
         res = grpo(task, tmp_path / "x", *args, "--max_steps", "1", check=False)
         assert res.returncode == 2, (args, res.stderr[-1500:])
         assert want in error_line(res.stderr), (args, res.stderr[-500:])
+
+
+def test_train_algo_grpo_runs_step_1_then_grpo(tmp_path):
+    """`chatrl train --algo grpo`: SFT on the arithmetic task's worked solutions, then GRPO from
+    that model in place of steps 2-3 (no reward model is trained)."""
+    res = chatrl("train", "--algo", "grpo", "--preset", "smoke", "--output-dir", tmp_path / "out",
+                 "--no-report", "sft.max_steps=2", "grpo.max_steps=2", timeout=400)
+    root = tmp_path / "out"
+    sft = root / "actor-models" / "tiny" / "model"
+    rl = root / "rl-models" / "tiny"
+    assert (sft / "chatrl.json").exists() and (rl / "actor" / "chatrl.json").exists()
+    assert not (root / "reward-models").exists() and not (root / "step3-models").exists()
+    assert json.loads((rl / "actor" / "chatrl.json").read_text())["step"] == "grpo"
+    rows = metrics(rl)
+    assert [r["step"] for r in rows] == [1, 2] and "reward/numeric/mean" in rows[0]
+    assert [r["step"] for r in metrics(rl, kind="eval")] == [0, 2]
+    sft_cfg = (root / "actor-models" / "tiny" / "run_config.yaml").read_text()
+    assert "- arith" in sft_cfg  # step 1 trained on the arithmetic task
+    assert f"Your chat model: {rl / 'actor'}" in res.stdout

@@ -327,7 +327,7 @@ def ppo_config(path: str, dtype: str, prompts: int, args):
 def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict) -> dict:
     from chatrl.engine import ds
     from chatrl.engine.flops import matmul_params
-    from chatrl.steps.ppo import PPOTrainer, build_models, minibatch_rows
+    from chatrl.steps.ppo import PPOTrainer, build_models, update_epochs
 
     cfg = ppo_config(path, dtype, prompts, args)
     ds.seed_everything(args.seed)
@@ -356,9 +356,7 @@ def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict) ->
             exp = trainer.generate_experience(ids, mask, it)
             st = dict(trainer.last_stats)
             with B.Timer() as t_train:
-                for _ in range(cfg.ppo_epochs):  # run_ppo's mini-batching (no accumulation)
-                    for (rows,) in minibatch_rows(exp, mb, 1):
-                        trainer.train_rlhf(exp.select(rows))
+                update_epochs(trainer, [exp])  # run_ppo's stage 4 itself
         T = int(exp.attention_mask.sum())
         row = {"iteration_s": t_it.s, "generate_s": st["time/generate"], "score_s": st["time/score"],
                "train_s": t_train.s, "tokens": T, "generated": int(st["tokens/generated"]),

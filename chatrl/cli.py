@@ -2,6 +2,9 @@
 
     chatrl train   [flags]        all three steps (or --step 1 2 3 any subset), resumable
     chatrl sft|rm|ppo|dpo [flags] one step (every option of the step; --config, --preset, key=value)
+    chatrl grpo [flags]           online RL with verifiable / function / model / remote rewards
+    chatrl rl --algo NAME         the same with any algorithm: ppo grpo dr_grpo dapo rloo
+                                  reinforce_pp gspo
     chatrl eval reward|prompts    score pairs with a reward model / compare answers of two models
     chatrl chat --path MODEL      terminal chat
     chatrl export --format dschat --path MODEL --output-dir DIR
@@ -18,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-STEPS = ("sft", "rm", "ppo", "dpo")
+STEPS = ("sft", "rm", "ppo", "dpo", "grpo", "rl")
 USAGE = __doc__
 
 
@@ -50,7 +53,7 @@ def _quiet_libraries() -> None:
 def run_step(step: str, argv: list[str]):
     from .config import parse_step_args
 
-    cfg = parse_step_args(step, argv)
+    cfg = parse_step_args("grpo" if step == "rl" else step, argv, prog=f"chatrl {step}")
     if step == "sft":
         from .steps.sft import run_sft
 
@@ -59,7 +62,7 @@ def run_step(step: str, argv: list[str]):
         from .steps.reward import run_rm
 
         return run_rm(cfg)
-    if step == "ppo":
+    if step in ("ppo", "grpo", "rl"):
         from .steps.ppo import run_ppo
 
         return run_ppo(cfg)

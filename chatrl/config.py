@@ -44,6 +44,7 @@ def opt(default, help: str, choices=None, **kw):
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 DTYPES = ("auto", "fast", "fp32", "bf16", "fp16")
+FLOAT_LISTS = ("data_weights", "reward_weights")  # list options whose items are numbers
 
 
 @dataclass
@@ -282,6 +283,46 @@ class PPOConfig(CommonConfig):
     test_stop_step: int = opt(0, "iterations to run in test mode")
     preprocessing_num_workers: Optional[int] = opt(None, "accepted for compatibility (tokenized "
                                                          "data is cached, see --data-output-path)")
+    # --- online RL: each choice overrides the algorithm's preset (chatrl/rl/algorithms.py)
+    num_generations: Optional[int] = opt(None, "answers sampled per prompt, one group (default: the "
+                                               "algorithm's: 1 for PPO, 8 for GRPO)")
+    advantage_estimator: Optional[str] = opt(None, "gae (critic) | grpo (group mean) | rloo "
+                                                   "(leave-one-out) | reinforce_pp (batch whitened)")
+    scale_rewards: Optional[bool] = opt(None, "GRPO: divide each group's advantages by its std")
+    loss_aggregation: Optional[str] = opt(None, "token_mean | seq_mean_token_mean | "
+                                                "seq_mean_token_sum_norm (Dr. GRPO)")
+    ratio_level: Optional[str] = opt(None, "importance ratio per token (PPO/GRPO) or per sequence (GSPO)")
+    clip_low: Optional[float] = opt(None, "lower ratio clip: 1 - clip_low (default: --cliprange)")
+    clip_high: Optional[float] = opt(None, "upper ratio clip: 1 + clip_high (DAPO: 0.28)")
+    kl_placement: Optional[str] = opt(None, "KL to the reference: none | reward | loss")
+    dynamic_sampling: Optional[bool] = opt(None, "drop groups whose rewards are all equal and sample "
+                                                 "more prompts to refill the batch (DAPO)")
+    max_sampling_rounds: int = opt(4, "dynamic sampling: at most this many rollout batches per "
+                                      "batch kept")
+    overlong_buffer: Optional[int] = opt(None, "over-long penalty: the last N tokens before "
+                                               "--max-answer-seq-len cost up to --overlong-penalty (0: off)")
+    overlong_penalty: float = opt(1.0, "the largest over-long penalty")
+    # --- reward sources (combined with --reward-weights; each logged on its own)
+    reward_fn: list = opt([], "reward functions: built-in math | numeric | exact | format, or "
+                              "FILE.py:NAME / package.module:NAME with TRL's signature "
+                              "fn(prompts, completions, **columns) -> list[float]")
+    reward_url: Optional[str] = opt(None, "reward server: POST {prompts, completions, columns} -> "
+                                          "{rewards}")
+    reward_weights: Optional[list] = opt(None, "one weight per reward source, in the order: "
+                                               "--reward-fn entries, the reward model, --reward-url")
+    reward_timeout: float = opt(30.0, "seconds to wait for the reward server")
+    reward_retries: int = opt(2, "retries of a failed reward-server request")
+    skip_bad_rewards: bool = opt(False, "score 0 (and count) samples whose reward function raised "
+                                        "or returned NaN, instead of stopping")
+    answer_column: str = opt("answer", "prompt-data column the built-in verifiers compare with")
+    format_pattern: Optional[str] = opt(None, "regex of the `format` reward (default: an answer "
+                                              "after ####, in \\boxed{} or after 'the answer is')")
+    # --- evaluation during training (held-out prompts)
+    eval_interval: int = opt(0, "evaluate every N iterations (0: only at the end)")
+    eval_prompts: int = opt(64, "held-out prompts per evaluation (0: no evaluation)")
+    eval_samples: int = opt(4, "sampled answers per held-out prompt (pass@k for k up to this)")
+    eval_temperature: float = opt(1.0, "sampling temperature of evaluation answers")
+    eval_top_p: float = opt(1.0, "top-p of evaluation answers")
 
     def validate(self) -> None:
         super().validate()
@@ -293,7 +334,8 @@ class PPOConfig(CommonConfig):
         if self.actor_model_name_or_path is None:
             raise ConfigError("--actor-model-name-or-path is required: the SFT model folder "
                               "(e.g. output/actor-models/default from `chatrl sft`)")
-        if self.critic_model_name_or_path is None:
+        algo = self.algorithm()
+        if self.critic_model_name_or_path is None and algo.uses_critic:
             raise ConfigError("--critic-model-name-or-path is required: the reward model folder "
                               "(e.g. output/reward-models/default from `chatrl rm`)")
         if not 0 < self.top_p <= 1:
@@ -307,11 +349,15 @@ class PPOConfig(CommonConfig):
         # Each rollout batch is cut into optimizer steps of micro-batch x accumulation rows. A
         # remainder would leave DeepSpeed's accumulation counter mid-step, so the next rollout's
         # (or PTX's) micro-batches would join that optimizer step.
-        gen, micro = self.per_device_generation_batch_size, self.per_device_training_batch_size
+        G, micro = algo.num_generations, self.per_device_training_batch_size
+        gen = self.per_device_generation_batch_size * G
         step_rows = micro * self.gradient_accumulation_steps
         if gen % step_rows:
+            what = (f"--per-device-generation-batch-size {gen}" if G == 1 else
+                    f"--per-device-generation-batch-size {self.per_device_generation_batch_size} x "
+                    f"--num-generations {G} = {gen} answers")
             raise ConfigError(
-                f"--per-device-generation-batch-size {gen} is not a multiple of "
+                f"{what} is not a multiple of "
                 f"--per-device-training-batch-size {micro} x --gradient-accumulation-steps "
                 f"{self.gradient_accumulation_steps} = {step_rows}, so one optimizer step would mix "
                 f"two rollouts (or PPO and PTX); raise the generation batch to a multiple of "
@@ -325,8 +371,67 @@ class PPOConfig(CommonConfig):
             raise ConfigError("PTX needs both --unsupervised-dataset-name and "
                               "--unsupervised-dataset-config-name (or a local text file as the name)")
 
+        if self.reward_weights is not None and any(not isinstance(w, float) for w in self.reward_weights):
+            raise ConfigError(f"--reward-weights {self.reward_weights} must be numbers")
+        for name in ("eval_prompts", "eval_samples", "max_sampling_rounds", "reward_retries"):
+            if getattr(self, name) < (1 if name in ("eval_samples", "max_sampling_rounds") else 0):
+                raise ConfigError(f"--{name.replace('_', '-')} is {getattr(self, name)}; it must be "
+                                  f"{'>= 1' if name in ('eval_samples', 'max_sampling_rounds') else '>= 0'}")
 
-STEP_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig}
+    def algorithm(self):
+        """The online-RL choices of this run: the --algo preset with every option set here on
+        top (an AlgoSettings; ConfigError naming the flag when they do not fit together)."""
+        from .rl.algorithms import resolve_algorithm
+
+        clip = self.cliprange
+        try:
+            return resolve_algorithm(
+                getattr(self, "algo", "ppo"), max_answer_len=self.max_answer_seq_len,
+                estimator=self.advantage_estimator, scale_std=self.scale_rewards,
+                aggregation=self.loss_aggregation, ratio_level=self.ratio_level,
+                clip_low=self.clip_low if self.clip_low is not None else clip,
+                clip_high=self.clip_high if self.clip_high is not None else
+                (clip if self.clip_low is None else self.clip_low),
+                kl_placement=self.kl_placement, kl_coef=self.kl_coef, kl_estimator=self.kl_estimator,
+                whiten=self.whiten_advantages, dynamic_sampling=self.dynamic_sampling,
+                overlong_buffer=self.overlong_buffer, num_generations=self.num_generations)
+        except ValueError as e:
+            raise ConfigError(f"--algo {getattr(self, 'algo', 'ppo')}: {e} (see chatrl "
+                              f"{getattr(self, 'algo', 'ppo')} --help)") from e
+
+
+@dataclass
+class RLConfig(PPOConfig):
+    """`chatrl grpo` / `chatrl rl --algo ...`: online RL from any policy (an SFT folder or a base
+    model) with rule-based, function, reward-model or remote rewards. Unset choices come from the
+    algorithm's preset; PPO (--algo ppo) also needs a critic."""
+    algo: str = opt("grpo", "the algorithm preset", choices=("ppo", "grpo", "dr_grpo", "dapo", "rloo",
+                                                             "reinforce_pp", "gspo"))
+    data_path: list = opt(["arith"], "prompt data: 'arith' (built-in verifiable arithmetic), "
+                                     "openai/gsm8k, hendrycks/competition_math, or local "
+                                     "JSONL/Parquet/save_to_disk prompts with extra columns")
+    actor_model_name_or_path: Optional[str] = opt("default", "the policy: an SFT folder or any "
+                                                             "model (default: the embedded "
+                                                             "SmolLM2-135M-Instruct)")
+    critic_model_name_or_path: Optional[str] = opt(None, "critic (PPO only): a reward model folder")
+    kl_coef: Optional[float] = opt(None, "KL coefficient (default: the algorithm's; 0 loads no "
+                                         "reference model)")
+    kl_estimator: Optional[str] = opt(None, "per-token KL estimator (default: the algorithm's)",
+                                      choices=("k1", "k2", "k3", "abs"))
+    cliprange: Optional[float] = opt(None, "ratio clip (default: the algorithm's)")
+    whiten_advantages: Optional[bool] = opt(None, "whiten advantages over the update (default: "
+                                                  "the algorithm's)")
+    per_device_generation_batch_size: int = opt(4, "prompts per rollout batch per device")
+    per_device_training_batch_size: int = opt(8, "answers per mini-batch per device")
+    actor_learning_rate: float = opt(1e-6, "actor peak learning rate")
+    num_warmup_steps: int = opt(0, "linear warm-up steps")
+    lr_scheduler_type: str = opt("constant", "learning-rate schedule", choices=SCHEDULERS)
+    max_prompt_seq_len: int = opt(256, "longer prompts are dropped (counted)")
+    max_answer_seq_len: int = opt(256, "max new tokens per answer")
+
+
+STEP_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig,
+                "grpo": RLConfig}
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -361,7 +466,7 @@ def _coerce(name: str, tp: type, value: Any, source: str) -> Any:
         if tp is list:
             items = list(value) if isinstance(value, (list, tuple)) else \
                 [v for v in re.split(r"[,\s]+", str(value)) if v]
-            return [float(v) for v in items] if name == "data_weights" else [str(v) for v in items]
+            return [float(v) for v in items] if name in FLOAT_LISTS else [str(v) for v in items]
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return tp(value)
@@ -392,7 +497,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> N
             group.add_argument(*negs, dest=name, action="store_false",
                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         elif tp is list:
-            elem = float if name == "data_weights" else str
+            elem = float if name in FLOAT_LISTS else str
             group.add_argument(*flags, nargs="+", type=elem, **kw)
         else:
             choices = f.metadata.get("choices")
@@ -495,7 +600,8 @@ def model_named(cli: dict, files: list, overrides: list) -> bool:
 
 
 OUTPUT_ROOT = "output"
-_OUTPUT_KIND = {"sft": "actor-models", "rm": "reward-models", "ppo": "step3-models", "dpo": "dpo-models"}
+_OUTPUT_KIND = {"sft": "actor-models", "rm": "reward-models", "ppo": "step3-models", "dpo": "dpo-models",
+                "grpo": "rl-models"}
 
 
 
@@ -522,6 +628,8 @@ def fill_default_paths(step: str, values: dict, root: str = OUTPUT_ROOT) -> dict
         if not values.get("critic_model_name_or_path"):
             values["critic_model_name_or_path"] = default_output_dir("rm", None, root)
         model = values["actor_model_name_or_path"]
+    elif step == "grpo":
+        model = values.get("actor_model_name_or_path")
     else:
         model = values.get("model_name_or_path")
     if not values.get("output_dir"):

@@ -3,6 +3,8 @@
     chatrl eval reward  --path RM [--data-path SRC ...]      accuracy, mean chosen/rejected scores
     chatrl eval prompts --base A --finetuned B [--finetuned C]  answers side by side (+ judge scores
                                                               on the demo task)
+    chatrl eval rl --path MODEL [--data-path arith] [--reward-fn numeric] [--eval-samples 4]
+                                  held-out reward, accuracy and pass@k, greedy and sampled
 """
 
 from __future__ import annotations
@@ -129,6 +131,10 @@ def _saved_data_args(path: str) -> dict:
 
 
 def eval_main(argv: list[str]) -> int:
+    if argv and argv[0] == "rl":
+        from .steps.rl_eval import eval_rl_main
+
+        return eval_rl_main(argv[1:])
     parser = argparse.ArgumentParser(prog="chatrl eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)

@@ -60,6 +60,11 @@ def build_parser(prog: str = "chatrl train") -> argparse.ArgumentParser:
     p.add_argument("--no-report", dest="report", action="store_false", help="skip the final report")
     p.add_argument("--report-prompts", type=int, default=32, help="held-out prompts in the report")
     p.add_argument("--restart", action="store_true", help="redo finished steps instead of skipping")
+    p.add_argument("--algo", default="ppo", choices=("ppo", "grpo", "dr_grpo", "dapo", "rloo",
+                                                     "reinforce_pp", "gspo"),
+                   help="step 3's algorithm; any but ppo runs step 1 and then `chatrl grpo "
+                        "--algo ALGO` from its model in place of steps 2-3 (default data: the "
+                        "verifiable arithmetic task)")
     C.add_common_args(p)
     from .dschat.args import add_deepspeed_args
 
@@ -89,13 +94,14 @@ def _launch_plan(args) -> list[str] | None:
 
 def _split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     """`sft.learning_rate=1e-4` goes to step 1 only; `seed=3` to every step that has `seed`."""
-    scoped: dict[str, list[str]] = {"sft": [], "rm": [], "ppo": []}
+    scoped: dict[str, list[str]] = {"sft": [], "rm": [], "ppo": [], "grpo": []}
     for o in overrides:
         key = o.split("=", 1)[0]
         if "." in key:
             step, rest = o.split(".", 1)
             if step not in scoped:
-                raise ConfigError(f"override {o!r}: prefix {step!r} is not a step; use sft., rm. or ppo.")
+                raise ConfigError(f"override {o!r}: prefix {step!r} is not a step; use sft., rm., "
+                                  "ppo. or grpo.")
             scoped[step].append(rest)
         else:
             name = key.replace("-", "_")
@@ -126,6 +132,8 @@ def plan_steps(args) -> dict[str, object]:
     common = {"resume": True, **({"report_to": args.report_to} if args.report_to else {})}
     if args.data_path:
         common["data_path"] = args.data_path
+    elif args.algo != "ppo":
+        common["data_path"] = ["arith"]  # a task with a checkable answer
     if getattr(args, "deepspeed_config", None):
         common["deepspeed_config"] = args.deepspeed_config
     cli = {
@@ -139,8 +147,12 @@ def plan_steps(args) -> dict[str, object]:
                 **({"actor_zero_stage": args.actor_zero_stage} if args.actor_zero_stage is not None else {}),
                 **({"critic_zero_stage": args.reward_zero_stage} if args.reward_zero_stage is not None else {})},
     }
+    cli["grpo"] = {**common, "actor_model_name_or_path": str(Path(sft_dir) / "model"),
+                   "algo": args.algo, "output_dir": C.default_output_dir("grpo", actor, root),
+                   **({"actor_zero_stage": args.actor_zero_stage} if args.actor_zero_stage is not None
+                      else {})}
     plans = {}
-    for name in ("sft", "rm", "ppo"):
+    for name in ("sft", "rm", "ppo") if args.algo == "ppo" else ("sft", "grpo"):
         values = {k: v for k, v in cli[name].items() if v is not None}
         plans[name] = C.build_config(C.STEP_CONFIGS[name], cli=values, files=args.config, preset=preset,
                                      overrides=scoped[name], section=name, validate=False)
@@ -149,7 +161,7 @@ def plan_steps(args) -> dict[str, object]:
 
 
 def step_done(name: str, cfg) -> Path | None:
-    out = Path(cfg.output_dir) / ("actor" if name == "ppo" else "model")
+    out = Path(cfg.output_dir) / ("actor" if name in ("ppo", "grpo") else "model")
     return out if (out / "chatrl.json").exists() else None
 
 
@@ -158,7 +170,7 @@ def _run_in_process(name: str, cfg) -> None:
     from .steps.reward import run_rm
     from .steps.sft import run_sft
 
-    {"sft": run_sft, "rm": run_rm, "ppo": run_ppo}[name](cfg)
+    {"sft": run_sft, "rm": run_rm, "ppo": run_ppo, "grpo": run_ppo}[name](cfg)
     gc.collect()
 
 
@@ -179,6 +191,8 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train") -> int
     plans = plan_steps(args)
     prefix = _launch_plan(args)
     wanted = [STEP_NAMES[s] for s in sorted(set(args.step))]
+    if args.algo != "ppo":  # step 1, then online RL from its model in place of steps 2-3
+        wanted = [n for n in wanted if n == "sft"] + (["grpo"] if {2, 3} & set(args.step) else [])
     t0 = time.time()
     timings = {}
     for name in wanted:
@@ -196,8 +210,9 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train") -> int
         else:
             _run_launched(prefix, name, cfg)
         timings[name] = time.time() - t
-    actor = step_done("ppo", plans["ppo"]) or step_done("sft", plans["sft"])
-    if args.report and step_done("ppo", plans["ppo"]):
+    last = "ppo" if "ppo" in plans else "grpo"
+    actor = step_done(last, plans[last]) or step_done("sft", plans["sft"])
+    if args.report and "ppo" in plans and step_done("ppo", plans["ppo"]):
         from .report import write_report
 
         report = write_report(Path(args.output_dir), plans, timings, n_prompts=args.report_prompts)

@@ -8,6 +8,7 @@
 - "demo": the built-in demo preference task (chatrl/data/demo.py);
 - "local/jsonfile": DeepSpeed-Chat's local dataset, data/train.json and data/eval.json under the
   current folder (prompt/chosen/rejected rows; its prompts hold the "Human: ... Assistant:" turns);
+- "arith": the built-in verifiable arithmetic task (chatrl/data/arith.py) as SFT data;
 - a local .json / .jsonl / .parquet / .csv file with prompt + chosen (or response) + optional
   rejected columns, or chat-style `messages`;
 - a folder written by `datasets.save_to_disk` (a Dataset or a DatasetDict);
@@ -326,6 +327,18 @@ def _load_dschat_jsonfile(seed: int, skip_bad_rows: bool) -> SourceData:
     return _assemble(DSCHAT_LOCAL, split_rows, stats, LOCAL, seed)
 
 
+def _load_arith() -> SourceData:
+    """The verifiable arithmetic task as SFT data (worked solutions), its test split as eval."""
+    from .arith import arith_sft_rows
+
+    train, test = arith_sft_rows("train"), arith_sft_rows("test", 200)
+    stats = {"rows_in": len(train) + len(test), "rows_kept": len(train) + len(test),
+             "skipped_rows": 0, "filtered_rows": 0, "train_rows": len(train),
+             "eval_rows": len(test), "eval_from": "eval split", "origin": "chatrl.data.arith"}
+    return SourceData(name="arith", train=rows_to_dataset(train), eval=rows_to_dataset(test),
+                      pairwise=False, stats=stats)
+
+
 def split_named_spec(spec: str) -> tuple[Adapter | None, str | None]:
     """"Dahoas/rm-static:/path/x.jsonl" -> (that adapter, "/path/x.jsonl"); a bare name ->
     (adapter, None); anything else -> (None, None)."""
@@ -345,6 +358,8 @@ def load_source(spec: str, *, seed: int = 1234, skip_bad_rows: bool = False) -> 
         return _load_demo()
     if spec.lower() == DSCHAT_LOCAL:
         return _load_dschat_jsonfile(seed, skip_bad_rows)
+    if spec.lower() == "arith":
+        return _load_arith()
     adapter, local = split_named_spec(spec)
     if adapter is not None and local is not None:
         return _load_local(Path(local).expanduser(), adapter, spec, seed, skip_bad_rows)

@@ -61,13 +61,15 @@ def ds_dtype(name: str) -> torch.dtype:
 class RLHFModels:
     """Builds and holds actor, reference, critic, reward (+ actor EMA)."""
 
-    def __init__(self, actor: ModelSpec, critic: ModelSpec, reward_path: str, tokenizer, *,
+    def __init__(self, actor: ModelSpec, critic: ModelSpec | None, reward_path: str | None, tokenizer, *,
                  dtype: str, offload: bool, micro_batch: int, grad_accum: int, grad_clip: float,
                  scheduler: str, warmup_steps: int, total_steps: int,
                  offload_reference_model: bool = False, offload_reward_model: bool = False,
                  enable_ema: bool = False, release_inference_cache: bool = False,
-                 actor_total_steps: int | None = None,
+                 actor_total_steps: int | None = None, reference: bool = True,
                  deepspeed_config: str | None = None):
+        """critic None: no critic (critic-free algorithms); reward_path None: no reward model
+        (rule-based or remote rewards); reference False: no reference model (KL coefficient 0)."""
         self.tokenizer = tokenizer
         self.dtype = dtype
         # The critic and reward model read the actor's token ids: their vocabularies must match.
@@ -88,22 +90,26 @@ class RLHFModels:
 
         # actor + reference (the same weights at the start)
         actor_model = load_causal_lm(actor.path, dtype="fp32", dropout=actor.dropout, tokenizer=tokenizer)
-        ref_model = copy.deepcopy(actor_model)
+        ref_model = copy.deepcopy(actor_model) if reference else None
         # The actor may take more optimizer steps than the critic (PTX adds one after each PPO
         # step): each scheduler is built for its own model's count.
         self.actor = engine_for(actor_model, actor, actor_total_steps or total_steps)
         self.hybrid = HybridEngine(self.actor, release_inference_cache=release_inference_cache)
-        self.ref = _frozen(ref_model, actor.zero_stage, dtype, offload_reference_model)
+        self.ref = (_frozen(ref_model, actor.zero_stage, dtype, offload_reference_model)
+                    if reference else None)
         # critic + reward
-        critic_model = RewardModel.from_pretrained(critic.path, dtype="fp32", dropout=critic.dropout,
-                                                   tokenizer=tokenizer)
-        # Frozen models run in eval mode (no dropout whatever their config says); a separate
-        # reward model also gets dropout 0 in its config.
-        reward_model = (copy.deepcopy(critic_model) if reward_path == critic.path else
-                        RewardModel.from_pretrained(reward_path, dtype="fp32", dropout=0.0,
-                                                    tokenizer=tokenizer))
-        self.critic = engine_for(critic_model, critic, total_steps)
-        self.reward = _frozen(reward_model, critic.zero_stage, dtype, offload_reward_model)
+        critic_model = (RewardModel.from_pretrained(critic.path, dtype="fp32", dropout=critic.dropout,
+                                                    tokenizer=tokenizer) if critic else None)
+        if reward_path is None:
+            reward_model = None
+        elif critic is not None and reward_path == critic.path:
+            reward_model = copy.deepcopy(critic_model)
+        else:
+            reward_model = RewardModel.from_pretrained(reward_path, dtype="fp32", dropout=0.0,
+                                                        tokenizer=tokenizer)
+        self.critic = engine_for(critic_model, critic, total_steps) if critic else None
+        self.reward = (_frozen(reward_model, critic.zero_stage if critic else actor.zero_stage, dtype,
+                               offload_reward_model) if reward_model is not None else None)
         # EMA of the actor: a full fp32 copy on the CPU (bf16 would swallow most updates)
         self.actor_ema = None
         if enable_ema:

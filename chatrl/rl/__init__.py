@@ -1,4 +1,6 @@
-"""Pure RLHF math: masks, log-probs, KL rewards, GAE, whitening, PPO/value/pairwise/DPO losses, EMA.
+"""Pure RLHF math: masks, log-probs, KL rewards, GAE and critic-free advantages (GRPO, RLOO,
+REINFORCE++), whitening, the clipped policy objective and its variants, PPO/value/pairwise/DPO
+losses, dynamic sampling and pass@k, the algorithm presets, EMA.
 
 Shapes follow one vocabulary: ``[batch, response_len]`` for per-token
 tensors (logprobs, ref_logprobs, values, rewards, advantages, returns,
@@ -6,6 +8,15 @@ action_mask) and ``[batch]`` for per-sequence ones (scores). No function here
 reads a config or touches a model.
 """
 
+from chatrl.rl.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    discounted_returns,
+    group_advantages,
+    kl_penalized_scores,
+    rloo_advantages,
+    sequence_to_tokens,
+)
+from chatrl.rl.algorithms import ALGORITHMS, KL_PLACEMENTS, AlgoSettings, resolve_algorithm
 from chatrl.rl.ema import RunningMoments, ema_update
 from chatrl.rl.gae import gae_advantages
 from chatrl.rl.kl import (
@@ -23,6 +34,7 @@ from chatrl.rl.logprobs import (
     sft_loss,
     token_counts,
 )
+from chatrl.rl.groups import informative_groups, overlong_penalty, pass_at_k
 from chatrl.rl.losses import dpo_loss, dschat_pairwise_loss, pairwise_loss, policy_loss, value_loss
 from chatrl.rl.masks import (
     last_token_values,
@@ -34,8 +46,33 @@ from chatrl.rl.masks import (
     whiten,
     whiten_from_moments,
 )
+from chatrl.rl.policy import (
+    LOSS_AGGREGATIONS,
+    RATIO_LEVELS,
+    aggregate_loss,
+    clipped_policy_loss,
+    policy_log_ratio,
+)
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "ALGORITHMS",
+    "KL_PLACEMENTS",
+    "LOSS_AGGREGATIONS",
+    "RATIO_LEVELS",
+    "AlgoSettings",
+    "aggregate_loss",
+    "clipped_policy_loss",
+    "discounted_returns",
+    "group_advantages",
+    "informative_groups",
+    "kl_penalized_scores",
+    "overlong_penalty",
+    "pass_at_k",
+    "policy_log_ratio",
+    "resolve_algorithm",
+    "rloo_advantages",
+    "sequence_to_tokens",
     "IGNORE_INDEX",
     "KL_ESTIMATORS",
     "AdaptiveKLController",

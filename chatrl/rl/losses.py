@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from chatrl.rl.masks import _masked, masked_mean
+from chatrl.rl.policy import clipped_policy_loss
 
 __all__ = [
     "policy_loss",
@@ -22,9 +23,6 @@ __all__ = [
     "dschat_pairwise_loss",
     "dpo_loss",
 ]
-
-
-LOG_RATIO_CLAMP = 20.0
 
 
 def policy_loss(
@@ -50,24 +48,12 @@ def policy_loss(
     - ``approx_kl``: ``masked_mean(0.5 * (logprobs - old_logprobs)^2)``, the k2
       estimator of KL(old || new), as in TRL/OpenAI baselines' PPO2;
     - ``ratio_mean``: ``masked_mean(ratio)``.
+
+    The token-level, symmetric, token-mean case of :func:`chatrl.rl.policy.clipped_policy_loss`
+    (whose other stats come along).
     """
-    mask = action_mask
-    # mask before exp so a -inf log-prob on padding can give neither inf nor a nan gradient;
-    # clamp so one token whose probability collapsed (log-ratio -100 in bf16, say) cannot give
-    # an inf ratio and an inf or nan loss: beyond +-LOG_RATIO_CLAMP the clip has long acted anyway
-    log_ratio = _masked(logprobs - old_logprobs, mask)
-    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    adv = _masked(advantages, mask).to(ratio.dtype)
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
-            "approx_kl": masked_mean(0.5 * log_ratio.square(), mask),
-            "ratio_mean": masked_mean(ratio, mask),
-        }
-    return loss, stats
+    return clipped_policy_loss(logprobs, old_logprobs, advantages, action_mask,
+                               clip_low=clip_range, clip_high=clip_range)
 
 
 def value_loss(

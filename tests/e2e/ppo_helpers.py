@@ -127,6 +127,17 @@ def wait_for(pred, proc: subprocess.Popen, timeout: float, what: str, interval: 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs(proc)}")
 
 
+def wait_all(procs: dict, timeout: float = 300) -> None:
+    """Wait for every started process of `procs` ({name: Popen}); fail naming the first that hung
+    or failed, with its logs."""
+    for name, p in procs.items():
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(p)
+        assert p.returncode == 0, f"{name}\n{logs(p)}"
+
+
 # ----------------------------------------------------------------------------- in-process
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ppo_helpers import PYTHON, kill_group, logs, metrics, start, state_dict_of
+from ppo_helpers import PYTHON, kill_group, logs, metrics, start, state_dict_of, wait_all
 
 LN2 = math.log(2.0)
 ARGS = ["--model_name_or_path", "tiny-opt", "--max_seq_len", "128", "--per_device_train_batch_size", "8",
@@ -35,12 +35,7 @@ def runs(tmp_path_factory):
             "lora": [*ARGS, "--lora_dim", "8", "--only_optimize_lora", "--lora_learning_rate", "1e-2"]}
     procs = {n: start([PYTHON, "-m", "chatrl", "dpo", *c, "--output_dir", tmp / n], tmp, n)
              for n, c in cmds.items()}
-    for n, p in procs.items():
-        try:
-            p.wait(timeout=300)
-        except Exception:
-            kill_group(p)
-        assert p.returncode == 0, f"{n}\n{logs(p)}"
+    wait_all(procs)
     return SimpleNamespace(full=tmp / "full", lora=tmp / "lora", stderr=logs(procs["full"]))
 
 

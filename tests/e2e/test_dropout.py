@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ppo_helpers import PPO_FAST, PYTHON, init_in_process, kill_group, logs, metrics, one_thread, start
+from ppo_helpers import PPO_FAST, PYTHON, init_in_process, metrics, one_thread, start, wait_all
 
 DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "attn_pdrop", "resid_pdrop",
                 "embd_pdrop", "summary_first_dropout")
@@ -65,12 +65,7 @@ def runs(tmp_path_factory):
     names = list(cmds)
     for pair in (names[:2], names[2:]):
         procs = {n: start(cmds[n], tmp, n) for n in pair}
-        for n, p in procs.items():
-            try:
-                p.wait(timeout=300)
-            except Exception:
-                kill_group(p)
-            assert p.returncode == 0, f"{n}\n{logs(p)}"
+        wait_all(procs)
     return SimpleNamespace(**{n: tmp / n for n in cmds})
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 
-from ppo_helpers import PYTHON, chatrl, kill_group, logs, metrics, start
+from ppo_helpers import PYTHON, chatrl, metrics, start, wait_all
 
 TOPICS = ["rain", "the sea", "music", "bread", "trains", "gardens", "mountains", "cats", "books",
           "coffee", "snow", "rivers"]
@@ -39,18 +39,13 @@ def test_rm_accuracy_and_ppo_reward_rise(tmp_path):
     sft_data, pref = write_task(tmp_path)
     common = ["--model_name_or_path", "tiny", "--max_seq_len", "64", "--dropout", "0",
               "--per_device_train_batch_size", "8", *FAST]
-    procs = [start([PYTHON, "-m", "chatrl", "sft", *common, "--data_path", sft_data,
-                    "--data_split", "10,0,0", "--learning_rate", "3e-3", "--max_steps", "30",
-                    "--output_dir", tmp_path / "sft"], tmp_path, "sft"),
-             start([PYTHON, "-m", "chatrl", "rm", *common, "--data_path", pref,
-                    "--data_split", "0,10,0", "--learning_rate", "2e-3", "--max_steps", "20",
-                    "--output_dir", tmp_path / "rm"], tmp_path, "rm")]
-    for p in procs:
-        try:
-            p.wait(timeout=400)
-        except Exception:
-            kill_group(p)
-        assert p.returncode == 0, logs(p)
+    data = {"sft": ["--data_path", sft_data, "--data_split", "10,0,0", "--learning_rate", "3e-3",
+                    "--max_steps", "30"],
+            "rm": ["--data_path", pref, "--data_split", "0,10,0", "--learning_rate", "2e-3",
+                   "--max_steps", "20"]}
+    procs = {step: start([PYTHON, "-m", "chatrl", step, *common, *args, "--output_dir", tmp_path / step],
+                         tmp_path, step) for step, args in data.items()}
+    wait_all(procs, timeout=400)
     rm_eval = [r for r in metrics(tmp_path / "rm", kind="eval")][-1]
     assert rm_eval["accuracy"] >= 0.9, rm_eval
     assert rm_eval["chosen_score"] > rm_eval["rejected_score"] + 1.0, rm_eval

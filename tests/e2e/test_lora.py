@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ppo_helpers import PPO_FAST, PYTHON, kill_group, logs, start, state_dict_of
+from ppo_helpers import PPO_FAST, PYTHON, start, state_dict_of, wait_all
 
 RANK = 4
 STEP12 = ["--max_seq_len", "64", "--per_device_train_batch_size", "4", "--max_steps", "3",
@@ -77,12 +77,7 @@ def runs(tmp_path_factory):
     for group in (names[:3], names[3:]):  # three at a time: each run is mostly start-up
         procs = {n: start([PYTHON, "-m", "chatrl", *cmds[n], "--output_dir", tmp / n], tmp, n)
                  for n in group}
-        for n, p in procs.items():
-            try:
-                p.wait(timeout=300)
-            except Exception:
-                kill_group(p)
-            assert p.returncode == 0, f"{n}\n{logs(p)}"
+        wait_all(procs)
     return SimpleNamespace(out=tmp, base=base, rm_start=rm_start)
 
 

@@ -16,12 +16,22 @@ def lively_model_path(tiny_model_path, tmp_path_factory):
     ("\\n") for every prompt, so every answer is empty; these weights give each prompt its own
     (gibberish, deterministic) answer, which is what the tests compare.
     """
+    return lively_copy(tiny_model_path, tmp_path_factory.mktemp("lively-tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def lively_factory():
+    """lively_copy(src, out, seed) for tests that need more than one lively model."""
+    return lively_copy
+
+
+def lively_copy(src: str, out, seed: int) -> str:
+    """A copy of the tiny model at `src` with random weights of a useful scale (seeded) in `out`."""
     from chatrl.models import load_causal_lm, load_tokenizer, write_meta
 
-    out = tmp_path_factory.mktemp("lively-tiny")
-    tok = load_tokenizer(tiny_model_path)
-    model = load_causal_lm(tiny_model_path, tokenizer=tok)
-    gen = torch.Generator().manual_seed(0)
+    tok = load_tokenizer(src)
+    model = load_causal_lm(src, tokenizer=tok)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:

@@ -25,22 +25,9 @@ PROMPTS = ["Tell me about the sea.", "What do you think of rain?", "Describe a m
 
 
 @pytest.fixture(scope="module")
-def second_model_path(lively_model_path, tmp_path_factory):
+def second_model_path(lively_model_path, lively_factory, tmp_path_factory):
     """Another lively tiny model (other random weights), so the two sides answer differently."""
-    from chatrl.models import load_causal_lm, load_tokenizer, write_meta
-
-    out = tmp_path_factory.mktemp("lively-other")
-    tok = load_tokenizer(lively_model_path)
-    model = load_causal_lm(lively_model_path, tokenizer=tok)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if "embed" in name else 0.2))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    write_meta(out, template="chat", step="test")
-    return str(out)
+    return lively_factory(lively_model_path, tmp_path_factory.mktemp("lively-other"), seed=1)
 
 
 @pytest.fixture(scope="module")

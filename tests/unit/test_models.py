@@ -226,7 +226,7 @@ def test_tiny_archs_load(arch, tiny_paths):
 
     path = tiny_paths[arch]
     expected = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "opt": "OPTForCausalLM",
-                "qwen2": "Qwen2ForCausalLM"}[arch]
+                "qwen2": "Qwen2ForCausalLM", "bloom": "BloomForCausalLM"}[arch]
     tok = load_tokenizer(path)
     assert tok.pad_token_id != tok.eos_token_id and tok.chat_template
     model = load_causal_lm(path, tokenizer=tok).eval()

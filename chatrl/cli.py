@@ -118,10 +118,11 @@ def dispatch(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # `deepspeed --num_gpus N -m chatrl sft ...` puts --local_rank=R before the command, and
-    # DeepSpeed-Chat users type it anywhere: it is removed wherever it is (LOCAL_RANK carries it).
+    # DeepSpeed-Chat users type it anywhere: it moves behind a step name (its config records it)
+    # and is dropped elsewhere (LOCAL_RANK carries it).
     from .dschat.args import apply_local_rank
 
-    argv = apply_local_rank(argv)
+    argv = apply_local_rank(argv, keep_for=STEPS)
     return guarded(lambda: dispatch(argv))
 
 

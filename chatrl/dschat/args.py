@@ -9,7 +9,8 @@ pass `--deepspeed` (and users may pass `--deepspeed_config FILE`, or the older `
 - `--deepspeed_config FILE` / `--deepscale_config FILE`: the step config's `deepspeed_config`
   field; the file is merged into the engine config (chatrl/engine/ds_user_config.py).
 - `--local_rank N` / `--local_rank=N` / `--local-rank=N`, anywhere on the command line, for
-  any command: removed before parsing; it only sets LOCAL_RANK when the launcher has not.
+  any command: moved right behind a step command (whose config records it) and dropped for the
+  others; it sets LOCAL_RANK when the launcher has not.
 """
 
 from __future__ import annotations
@@ -61,9 +62,13 @@ def pop_local_rank(argv: list[str]) -> tuple[list[str], str | None]:
     return out, value
 
 
-def apply_local_rank(argv: list[str]) -> list[str]:
-    """Remove `--local_rank` from `argv`; export it as LOCAL_RANK unless the launcher set it."""
+def apply_local_rank(argv: list[str], keep_for: tuple[str, ...] = ()) -> list[str]:
+    """`argv` with `--local_rank` moved behind the command if it is one of `keep_for`, else
+    removed; the value is exported as LOCAL_RANK unless the launcher set it."""
     argv, value = pop_local_rank(argv)
-    if value is not None and value.lstrip("-").isdigit():
-        os.environ.setdefault("LOCAL_RANK", value)
+    if value is None or not value.lstrip("-").isdigit():
+        return argv
+    os.environ.setdefault("LOCAL_RANK", value)
+    if argv and argv[0] in keep_for:
+        argv = [argv[0], f"--local_rank={value}", *argv[1:]]
     return argv

@@ -52,12 +52,13 @@ def test_local_rank_is_removed_wherever_it_is(argv, rest, value):
     assert pop_local_rank(argv) == (rest, value)
 
 
-def test_local_rank_sets_LOCAL_RANK_only_when_the_launcher_did_not(monkeypatch):
+def test_local_rank_moves_behind_a_step_and_sets_LOCAL_RANK_once(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert apply_local_rank(["sft", "--local_rank=1"]) == ["sft"]
+    assert apply_local_rank(["--local_rank=1", "sft", "--seed", "1"], keep_for=("sft",)) == \
+        ["sft", "--local_rank=1", "--seed", "1"]
     assert os.environ["LOCAL_RANK"] == "1"
-    apply_local_rank(["--local_rank=0", "sft"])
-    assert os.environ["LOCAL_RANK"] == "1"
+    assert apply_local_rank(["chat", "--local_rank", "0"], keep_for=("sft",)) == ["chat"]
+    assert os.environ["LOCAL_RANK"] == "1"  # the launcher's value is kept
 
 
 def test_every_flag_of_deepspeed_chats_step3_parser_is_a_config_field():

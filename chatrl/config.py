@@ -319,8 +319,10 @@ class PPOConfig(CommonConfig):
                                               "after ####, in \\boxed{} or after 'the answer is')")
     # --- evaluation during training (held-out prompts)
     eval_interval: int = opt(0, "evaluate every N iterations (0: only at the end)")
-    eval_prompts: int = opt(64, "held-out prompts per evaluation (0: no evaluation)")
-    eval_samples: int = opt(4, "sampled answers per held-out prompt (pass@k for k up to this)")
+    eval_prompts: int = opt(0, "held-out prompts per evaluation at the start, every "
+                               "--eval-interval iterations and at the end (0: none)")
+    eval_samples: int = opt(4, "sampled answers per held-out prompt, pass@k for k = this (0: "
+                               "greedy answers only)")
     eval_temperature: float = opt(1.0, "sampling temperature of evaluation answers")
     eval_top_p: float = opt(1.0, "top-p of evaluation answers")
 
@@ -374,9 +376,10 @@ class PPOConfig(CommonConfig):
         if self.reward_weights is not None and any(not isinstance(w, float) for w in self.reward_weights):
             raise ConfigError(f"--reward-weights {self.reward_weights} must be numbers")
         for name in ("eval_prompts", "eval_samples", "max_sampling_rounds", "reward_retries"):
-            if getattr(self, name) < (1 if name in ("eval_samples", "max_sampling_rounds") else 0):
+            least = 1 if name == "max_sampling_rounds" else 0
+            if getattr(self, name) < least:
                 raise ConfigError(f"--{name.replace('_', '-')} is {getattr(self, name)}; it must be "
-                                  f"{'>= 1' if name in ('eval_samples', 'max_sampling_rounds') else '>= 0'}")
+                                  f">= {least}")
 
     def algorithm(self):
         """The online-RL choices of this run: the --algo preset with every option set here on
@@ -428,6 +431,8 @@ class RLConfig(PPOConfig):
     lr_scheduler_type: str = opt("constant", "learning-rate schedule", choices=SCHEDULERS)
     max_prompt_seq_len: int = opt(256, "longer prompts are dropped (counted)")
     max_answer_seq_len: int = opt(256, "max new tokens per answer")
+    eval_prompts: int = opt(64, "held-out prompts per evaluation at the start, every "
+                                "--eval-interval iterations and at the end (0: none)")
 
 
 STEP_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig,

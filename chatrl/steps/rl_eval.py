@@ -4,7 +4,7 @@ training), scored by the run's reward sources through the same rollout and score
 
 Metrics (means over the held-out prompts of all ranks):
     eval/greedy/reward, eval/greedy/accuracy      one greedy answer per prompt
-    eval/sampled/reward, eval/sampled/accuracy    k sampled answers per prompt
+    eval/sampled/reward, eval/sampled/accuracy    k sampled answers per prompt (k = 0: none)
     eval/pass@1, eval/pass@k                      unbiased pass@k from the k samples (Chen et al.)
     eval/response_length, time/eval
 Accuracy and pass@k need a correctness verifier among the reward sources (math, numeric, exact).
@@ -67,28 +67,50 @@ def evaluate_policy(trainer, eval_rows, cfg, seed: int = 0) -> dict:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         g = _sums(trainer, rows, greedy, 1, batch, cfg.skip_bad_rewards)
-        s = _sums(trainer, rows, sampled, k, batch, cfg.skip_bad_rewards)
+        s = _sums(trainer, rows if k else [], sampled, max(k, 1), batch, cfg.skip_bad_rewards)
     keys = ["reward", "answers", "correct", "length", "pass1", "passk", "prompts", "has_acc"]
     vec = torch.tensor([g[x] for x in keys] + [s[x] for x in keys], dtype=torch.float64)
     tot = ds.all_reduce_sum(vec).tolist()
     g, s = dict(zip(keys, tot[:len(keys)])), dict(zip(keys, tot[len(keys):]))
     out = {"eval/greedy/reward": g["reward"] / max(g["answers"], 1),
-           "eval/sampled/reward": s["reward"] / max(s["answers"], 1),
-           "eval/response_length": s["length"] / max(s["answers"], 1),
+           "eval/greedy/response_length": g["length"] / max(g["answers"], 1),
            "eval/prompts": g["prompts"]}
     if g["has_acc"]:
-        out.update({"eval/greedy/accuracy": g["correct"] / max(g["answers"], 1),
-                    "eval/sampled/accuracy": s["correct"] / max(s["answers"], 1),
-                    "eval/pass@1": s["pass1"] / max(s["prompts"], 1),
-                    f"eval/pass@{k}": s["passk"] / max(s["prompts"], 1)})
+        out["eval/greedy/accuracy"] = g["correct"] / max(g["answers"], 1)
+    if k:  # --eval-samples 0: greedy answers only
+        out.update({"eval/sampled/reward": s["reward"] / max(s["answers"], 1),
+                    "eval/response_length": s["length"] / max(s["answers"], 1)})
+        if s["has_acc"]:
+            out.update({"eval/sampled/accuracy": s["correct"] / max(s["answers"], 1),
+                        "eval/pass@1": s["pass1"] / max(s["prompts"], 1),
+                        f"eval/pass@{k}": s["passk"] / max(s["prompts"], 1)})
     out["time/eval"] = time.time() - t0
     return out
+
+
+SAVED_OPTIONS = ("data_path", "seed", "template", "reward_fn", "reward_url", "reward_weights",
+                 "answer_column", "format_pattern", "max_prompt_seq_len", "max_answer_seq_len",
+                 "temperature", "top_p", "eval_temperature", "eval_top_p")
+
+
+def _trained_with(path: str) -> dict:
+    """The data, reward and length options of the online-RL run that wrote `path` (its
+    run_config.yaml beside the actor folder), so the evaluation uses the same held-out split."""
+    import yaml
+    from pathlib import Path
+
+    f = Path(path).parent / "run_config.yaml"
+    saved = yaml.safe_load(f.read_text()) if f.exists() else None
+    if not isinstance(saved, dict) or "algo" not in saved:
+        return {}
+    return {k: saved[k] for k in SAVED_OPTIONS if saved.get(k) is not None}
 
 
 def eval_rl_main(argv: list[str]) -> int:
     """`chatrl eval rl --path MODEL [options of chatrl grpo]`: the evaluation above for a saved
     model (or any model: "default" is the embedded SmolLM2-135M-Instruct), on the held-out
-    prompts of --data-path (default: the arithmetic task) with the run's reward options."""
+    prompts of --data-path (default: the arithmetic task) with the run's reward options. For a
+    policy written by `chatrl grpo` the run's data, reward and length options are the defaults."""
     import argparse
     import json
     from types import SimpleNamespace
@@ -107,9 +129,9 @@ def eval_rl_main(argv: list[str]) -> int:
     C.add_config_args(parser, C.RLConfig, skip=("actor_model_name_or_path", "output_dir"))
     ns = parser.parse_args(argv)
     cli = {k: v for k, v in vars(ns).items() if k not in ("path", "json")}
-    cfg = C.build_config(C.RLConfig, cli={**cli, "output_dir": "unused",
-                                          "actor_model_name_or_path": ns.path})
     path = resolve_model_path(ns.path)
+    cfg = C.build_config(C.RLConfig, cli={**_trained_with(path), **cli, "output_dir": "unused",
+                                          "actor_model_name_or_path": ns.path})
     tok = load_tokenizer(path, padding_side="left")
     template = template_for(cfg, tok)
     template = read_meta(path).get("template", template) if cfg.template == "auto" else template

@@ -100,6 +100,14 @@ def test_grpo_learns_the_verifiable_task(task, tmp_path):
                   "policy/logprob_gap", "time/generate", "time/reward", "time/train"):
             assert k in r and math.isfinite(r[k]), (r["step"], k)
         assert "policy/kl" not in r  # no reference model at KL 0
+    # `chatrl eval rl` on the saved policy: the same held-out prompts, the same greedy answers
+    _, _, prompts = task
+    res = chatrl("eval", "rl", "--path", out / "actor", "--data_path", prompts, "--reward_fn", "exact",
+                 "--eval_prompts", "40", "--eval_samples", "0", "--max_answer_seq_len", "4",
+                 "--dtype", "fp32", "--json")
+    saved = json.loads(res.stdout.strip().splitlines()[-1])
+    assert saved["eval/prompts"] == 40 and "eval/sampled/reward" not in saved  # greedy only
+    assert saved["eval/greedy/accuracy"] == pytest.approx(end["eval/greedy/accuracy"], abs=1e-9)
 
 
 # ============================================================================ reward sources

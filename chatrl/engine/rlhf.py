@@ -73,8 +73,9 @@ class RLHFModels:
         self.tokenizer = tokenizer
         self.dtype = dtype
         # The critic and reward model read the actor's token ids: their vocabularies must match.
-        check_same_tokenizer(actor.path, critic.path, ("actor", "critic"))
-        if reward_path != critic.path:
+        if critic is not None:
+            check_same_tokenizer(actor.path, critic.path, ("actor", "critic"))
+        if reward_path is not None and (critic is None or reward_path != critic.path):
             check_same_tokenizer(actor.path, reward_path, ("actor", "reward model"))
 
         def engine_for(model, spec: ModelSpec, n_steps: int):

@@ -82,12 +82,13 @@ def test_grpo_learns_the_verifiable_task(task, tmp_path):
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 17))
     acc = [r["reward/accuracy"] for r in rows]
-    # measured (seed 7): 0.38-0.56 over the first 2 iterations, 0.94-1.0 over the last 3
+    # measured (seed 7): 0.22, 0.31 over the first 2 iterations, 0.97, 0.88, 0.84 over the last 3
     assert mean(acc[-3:]) >= mean(acc[:2]) + 0.3, acc
     evals = metrics(out, kind="eval")
     assert [r["step"] for r in evals] == [0, 8, 16]
     start, end = evals[0], evals[-1]
-    # measured: greedy accuracy 0.0 at the start (the SFT model's greedy answer is "no"), 1.0 after
+    # measured: greedy accuracy 0.0 at the start (the SFT model's greedy answer is "no"), 1.0 at
+    # 8 and 16; sampled 0.19 -> 0.71 -> 0.89; pass@4 0.53 -> 1.0
     assert end["eval/greedy/accuracy"] >= start["eval/greedy/accuracy"] + 0.5, evals
     assert end["eval/sampled/accuracy"] >= start["eval/sampled/accuracy"] + 0.3, evals
     for r in evals:

@@ -40,7 +40,7 @@ def ppo_args(actor: str, critic: str, out: Path, *extra) -> list:
         args[args.index(flag) + 1] = value
     return [PYTHON, "-m", "chatrl", "ppo", "--actor_model_name_or_path", actor,
             "--critic_model_name_or_path", critic, "--output_dir", out, *args, "--max_steps", "1",
-            "--ppo_epochs", "1", *extra]
+            "--ppo_epochs", "1", "--allow-untrained-reward-head", *extra]
 
 
 def dpo_args(model: str, out: Path, *extra) -> list:
@@ -132,7 +132,7 @@ def test_ppo_models_modes_and_determinism(tmp_path):
     cfg = PPOConfig(actor_model_name_or_path=path, critic_model_name_or_path=path,
                     output_dir=str(tmp_path), per_device_generation_batch_size=4,
                     per_device_training_batch_size=4, max_answer_seq_len=6, num_warmup_steps=0,
-                    dtype="fp32")
+                    dtype="fp32", allow_untrained_reward_head=True)
     assert cfg.actor_dropout == 0.0 and cfg.critic_dropout == 0.0
     tok = load_tokenizer(path, padding_side="left")
     with one_thread():

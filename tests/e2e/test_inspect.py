@@ -14,7 +14,7 @@ from ppo_helpers import PPO_FAST, child_env, run
 def ppo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo-rollouts")
     run([sys.executable, "-m", "chatrl", "ppo", "--actor_model_name_or_path", "tiny",
-         "--critic_model_name_or_path", "tiny", *PPO_FAST, "--max_steps", "3",
+         "--critic_model_name_or_path", "tiny", "--allow-untrained-reward-head", *PPO_FAST, "--max_steps", "3",
          "--log-rollouts-interval", "2", "--output_dir", out], timeout=600)
     return out
 

@@ -17,6 +17,19 @@ REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
+def pytest_sessionstart(session):
+    """Build the tiny random models once, before pytest-xdist's workers start (`-n 2`): a worker
+    and another worker's child process must never race to write the same cache folder. Each
+    worker (which has `workerinput`) and a plain run find them built."""
+    if hasattr(session.config, "workerinput"):
+        return
+    from chatrl.models import resolve_model_path
+    from chatrl.models.tiny import TINY_ARCHS
+
+    for arch in TINY_ARCHS:
+        resolve_model_path(f"tiny-{arch}")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
     """A 2-layer, hidden-64 Llama (GQA) with a byte-level BPE tokenizer and a chat template."""

@@ -310,15 +310,17 @@ def write_failure(e: BaseException, what: str, folder: Path, needed: int, hint: 
 
 
 def save_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, meta: dict,
-               extra_files: dict[str, str] | None = None) -> Path | None:
+               extra_files: dict[str, str] | None = None, state: dict | None = None) -> Path | None:
     """Write a loadable Hugging Face folder (LoRA merged) atomically. Collective under ZeRO-3.
 
-    `model` is the plain module (engine.module); a RewardModel saves its value head too.
+    `model` is the plain module (engine.module); a RewardModel saves its value head too. `state`:
+    other full weights in the module's layout to save in its place (the actor's EMA); without it
+    the module's own. A full disk or a denied write is a one-line error naming the folder.
     """
     from ..models.lora import has_lora, merged_state_dict
 
     out_dir = Path(out_dir)
-    state = ds.full_state_dict(model)
+    state = ds.full_state_dict(model) if state is None else state
     if has_lora(model):
         state = merged_state_dict(model, state)
     if ds.is_main():

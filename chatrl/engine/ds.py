@@ -106,7 +106,10 @@ def device() -> torch.device:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 matmuls run
-    several times faster than fp32 (measured 4x on a 2-core AVX512-BF16 machine)."""
+    several times faster than fp32 (measured 4x on a 2-core AVX512-BF16 machine). A CPU whose
+    kernels are held to AVX2 (ATEN_CPU_CAPABILITY=avx2, as on an AVX2-only machine) emulates bf16."""
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT", "NO AVX"):
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")

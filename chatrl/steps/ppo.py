@@ -22,7 +22,6 @@ and including the first EOS.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -36,7 +35,6 @@ from ..engine.rlhf import ModelSpec, RLHFModels
 from ..logging import progress, write_line
 from ..models import resolve_model_path
 from ..models.load import model_inputs
-from ..models.reward import RewardModel
 from ..rl import (AdaptiveKLController, FixedKLController, RunningMoments, informative_groups,
                   kl_penalty, masked_moments, overlong_penalty, sft_loss, whiten_from_moments)
 from . import common
@@ -523,19 +521,9 @@ def run_ppo(cfg) -> Path:
 
 
 def save_ema(models: RLHFModels, tokenizer, out_dir: Path, meta: dict) -> None:
-    from ..models.load import atomic_dir, write_meta
-    from ..models.lora import has_lora, merged_state_dict
-
-    if not ds.is_main():
-        return
-    state = models.actor_ema
-    module = models.actor.module
-    if has_lora(module):
-        state = merged_state_dict(module, state)
-    with atomic_dir(out_dir) as tmp:
-        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_meta(tmp, kind="causal_lm", **meta)
+    """The actor's EMA weights as a loadable folder, written as the final models are (atomic; a
+    full disk is a one-line error). Called on every rank; each holds the whole EMA."""
+    ckpt.save_model(models.actor.module, tokenizer, out_dir, meta, state=models.actor_ema)
 
 
 def probe_outputs(trainer: PPOTrainer, exp: Experience) -> dict:

@@ -92,8 +92,10 @@ def test_killed_during_step2_rerun_skips_step1_and_resumes(tmp_path):
     assert m and m.group(1).lstrip("0") == m.group(2), err[-3000:]
     resumed_at = int(m.group(2))
     assert 1 <= resumed_at < 8
-    rm_rows = metrics(out / "reward-models" / "tiny")[rows_before:]
-    assert [r["step"] for r in rm_rows] == list(range(resumed_at + 1, 9))  # the rest of step 2 only
+    # The killed run may have logged steps past its last checkpoint; the resumed run drops those
+    # rows and logs the rest of step 2 once: steps 1..8, each once.
+    assert rows_before >= resumed_at
+    assert [r["step"] for r in metrics(out / "reward-models" / "tiny")] == list(range(1, 9))
     assert (out / "step3-models" / "tiny" / "actor" / "chatrl.json").exists()
     assert "chatrl chat --path" in second.stdout
     assert file_digests(sft_model) == before, "step 1's model folder changed"

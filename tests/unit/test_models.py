@@ -263,3 +263,29 @@ def test_tiny_archs_load(arch, tiny_paths):
 def test_unknown_tiny_arch():
     with pytest.raises(ModelError, match="tiny-llama"):
         resolve_model_path("tiny-mamba")
+
+
+def test_ema_folder_on_a_full_disk_is_a_one_line_error(tiny_model_path, tmp_path, monkeypatch):
+    """Step 3's actor_ema/ is written like the other final models: the EMA weights (not the
+    module's) land in a loadable folder, and a full disk is an OutputError naming the folder, not
+    a traceback (it used to escape as a bare OSError)."""
+    import errno
+    from types import SimpleNamespace
+
+    from chatrl.errors import OutputError
+    from chatrl.steps.ppo import save_ema
+
+    model, tok = load_causal_lm(tiny_model_path), load_tokenizer(tiny_model_path)
+    ema = {k: torch.full_like(v, 0.5, dtype=torch.float32) for k, v in model.state_dict().items()}
+    models = SimpleNamespace(actor=SimpleNamespace(module=model), actor_ema=ema)
+    save_ema(models, tok, tmp_path / "actor_ema", {"step": "ppo-ema"})
+    back = load_causal_lm(str(tmp_path / "actor_ema"))
+    assert all(torch.all(p == 0.5) for p in back.parameters())
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(model), "save_pretrained", full)
+    with pytest.raises(OutputError, match=r"no space left on device while writing .*actor_ema2"):
+        save_ema(models, tok, tmp_path / "actor_ema2", {"step": "ppo-ema"})
+    assert not (tmp_path / "actor_ema2").exists()

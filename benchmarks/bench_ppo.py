@@ -65,7 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--parts", default="gather,hybrid,workload", help="comma-separated: gather, hybrid, workload")
     p.add_argument("--workloads", default="fp32:4,bf16:4,fp32:16,bf16:16",
                    help="comma-separated dtype:prompts configurations of part (c); the first is the "
-                        "reference")
+                        "reference. A 'grpo/' prefix (grpo/fp32:16) runs the same number of answers "
+                        "as GRPO: prompts / --grpo-generations prompts, that many answers each")
+    p.add_argument("--grpo-generations", type=int, default=4, help="answers per prompt of grpo/ workloads")
     p.add_argument("--prototypes", default="",
                    help="comma-separated prototype sets (names joined by '+'; known: no-gc, "
                         "fused-adamw) to run "
@@ -311,40 +313,63 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
 
 # ----------------------------------------------------------------------------- (c) workload
 
-def ppo_config(path: str, dtype: str, prompts: int, args):
-    from chatrl.config import PPOConfig, build_config
+def ppo_config(path: str, dtype: str, prompts: int, args, algo: str = "ppo"):
+    """PPO: `prompts` prompts, one answer each, the model as critic and reward model (a random
+    value head is allowed). GRPO: prompts / G prompts with G answers each (the same number of
+    answers), no critic, no reference model (KL 0), rewards from a function (letter_share)."""
+    from chatrl.config import PPOConfig, RLConfig, build_config
 
     mb = args.train_batch or prompts
-    return build_config(PPOConfig, cli={
-        "actor_model_name_or_path": path, "critic_model_name_or_path": path,
-        "per_device_generation_batch_size": prompts, "per_device_training_batch_size": mb,
-        "generation_batches": 1, "ppo_epochs": args.ppo_epochs, "max_prompt_seq_len": args.prompt_len,
-        "max_answer_seq_len": args.answer_len, "dtype": dtype, "num_warmup_steps": 0,
-        "seed": args.seed, "enable_ema": False, "print_answers": False,
-    }, validate=False)
+    common = {"actor_model_name_or_path": path, "per_device_training_batch_size": mb,
+              "generation_batches": 1, "ppo_epochs": args.ppo_epochs, "max_prompt_seq_len": args.prompt_len,
+              "max_answer_seq_len": args.answer_len, "dtype": dtype, "num_warmup_steps": 0,
+              "seed": args.seed, "enable_ema": False, "print_answers": False}
+    if algo == "grpo":
+        g = args.grpo_generations
+        if prompts % g:
+            raise SystemExit(f"grpo/ workloads: {prompts} answers is not a multiple of --grpo-generations {g}")
+        return build_config(RLConfig, cli={**common, "algo": "grpo", "num_generations": g,
+                                           "per_device_generation_batch_size": prompts // g}, validate=False)
+    return build_config(PPOConfig, cli={**common, "critic_model_name_or_path": path,
+                                        "per_device_generation_batch_size": prompts,
+                                        "allow_untrained_reward_head": True}, validate=False)
 
 
-def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict) -> dict:
+class LetterShare:
+    """The GRPO workload's reward function: the share of letters in the answer's text (cheap,
+    deterministic, and different between answers, so every group carries a signal)."""
+    name, is_correctness = "letter_share", False
+
+    def __call__(self, batch):
+        return [sum(c.isalpha() for c in t) / max(len(t), 1) for t in batch.texts]
+
+
+def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict, algo: str = "ppo") -> dict:
     from chatrl.engine import ds
     from chatrl.engine.flops import matmul_params
     from chatrl.steps.ppo import PPOTrainer, build_models, update_epochs
 
-    cfg = ppo_config(path, dtype, prompts, args)
+    cfg = ppo_config(path, dtype, prompts, args, algo)
     ds.seed_everything(args.seed)
     n_iters = args.iters + 1
     mb = cfg.per_device_training_batch_size
     with B.Timer() as t_build:
         models = build_models(cfg, tok, n_iters * cfg.ppo_epochs * max(prompts // mb, 1), dtype)
-    trainer = PPOTrainer(models, cfg)
+    trainer = PPOTrainer(models, cfg, *(([LetterShare()], [1.0]) if algo == "grpo" else ()))
     # answers of exactly answer_len tokens (the EOS is suppressed until then)
     trainer.gen_params = dataclasses.replace(trainer.gen_params, min_new_tokens=cfg.max_answer_seq_len)
-    Na, Nc = matmul_params(models.actor.module), matmul_params(models.critic.module)
-    ids, mask = make_prompts(tok, prompts, args.prompt_len, args.seed)
+    Na = matmul_params(models.actor.module)
+    Nc = matmul_params(models.critic.module) if models.critic is not None else 0
+    Nr = Nc if models.reward is not None else 0  # PPO here: the reward model is the critic's folder
+    Nref = Na if models.ref is not None else 0
+    ids, mask = make_prompts(tok, cfg.per_device_generation_batch_size, args.prompt_len, args.seed)
     from chatrl.engine import hybrid as hybrid_mod
 
     probes = B.Probes()
     for who in ("actor", "critic"):
         engine = getattr(models, who)
+        if engine is None:
+            continue
         probes.method(f"{who}_backward_s", engine, "backward")
         probes.method(f"{who}_step_s", engine, "step")
     probes.function("gen_empty_cache_s", hybrid_mod, "_empty_cache")
@@ -375,10 +400,10 @@ def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict) ->
     mean = {k: sum(r[k] for r in iters) / len(iters) for k in iters[0]}
     T = mean["tokens"]
     f_gen = 2 * Na * T
-    f_score = 2 * Na * T + 4 * Nc * T
+    f_score = 2 * (Nref + Nc + Nr) * T  # reference, critic and reward-model forwards (PPO: 2NaT + 4NcT)
     f_train = cfg.ppo_epochs * 6 * (Na + Nc) * T
     peak = peaks[dtype]["flops"]
-    res = {"dtype": dtype, "prompts": prompts, "train_batch": mb, "ppo_epochs": cfg.ppo_epochs,
+    res = {"algo": algo, "dtype": dtype, "prompts": prompts, "group_size": cfg.num_generations if algo == "grpo" else 1, "train_batch": mb, "ppo_epochs": cfg.ppo_epochs,
            "prompt_len": args.prompt_len,
            "answer_len": args.answer_len, "iterations": len(iters), "build_s": t_build.s,
            "matmul_params_actor": Na, "matmul_params_critic": Nc,
@@ -427,7 +452,8 @@ def _print_report(res: dict) -> None:
         rows = []
         for w in res["workloads"]:
             it = w["iteration_s"]
-            label = f"{w['dtype']} x {w['prompts']}" + (f" [{w['prototypes']}]" if w.get("prototypes") else "")
+            label = (f"{w['dtype']} x {w['prompts']}" + (f" [{w['prototypes']}]" if w.get("prototypes") else "")
+                     + (f" GRPO ({w['prompts'] // w['group_size']} x {w['group_size']})" if w.get("algo") == "grpo" else ""))
             rows.append({"cfg": label, "sps": f"{w['samples_per_s']:.3f}",
                          "it": f"{it:.2f}",
                          "gen": f"{w['generate_s']:.2f} ({100 * w['generate_s'] / it:.0f}%)",
@@ -442,7 +468,9 @@ def _print_report(res: dict) -> None:
                              ("other", "other s"), ("gtok", "gen tok/s"),
                              ("genfl", "generation FLOP/s (% peak)"), ("fl", "overall FLOP/s (% peak)")]))
         print("    FLOPs: generation 2NaT, scoring (2Na + 4Nc)T, training 6(Na + Nc)T per PPO epoch; "
-              "T = prompt + answer tokens; % of the matmul peak of the row's dtype")
+              "T = prompt + answer tokens; % of the matmul peak of the row's dtype. GRPO rows: the same "
+              "number of answers (prompts / G, G answers each), no critic, no reference model, a reward "
+              "function: generation 2NaT, scoring 0, training 6NaT")
         print("    issue targets: ~0.3 samples/s today on the fp32 x 4 reference, ours >= 0.6")
         brows = []
         for w, r in zip(res["workloads"], rows):
@@ -476,15 +504,17 @@ def main(argv=None) -> int:
         raise SystemExit(f"--parts: unknown {', '.join(sorted(unknown))}")
     workloads = []
     for w in args.workloads.split(","):
-        d, n, proto = (w.strip().split(":") + [""])[:3]
+        w = w.strip()
+        algo = "grpo" if w.startswith("grpo/") else "ppo"
+        d, n, proto = (w.removeprefix("grpo/").split(":") + [""])[:3]
         if d not in B.DTYPES or not n.isdigit():
-            raise SystemExit(f"--workloads: {w!r} is not dtype:prompts[:prototypes] (e.g. fp32:4)")
+            raise SystemExit(f"--workloads: {w!r} is not [grpo/]dtype:prompts[:prototypes] (e.g. fp32:4)")
         B.prototypes(proto)   # validates the names
-        workloads.append((d, int(n), proto))
+        workloads.append((d, int(n), proto, algo))
     if args.prototypes:     # the reference configuration again, with library prototypes patched in
         for proto in args.prototypes.split(","):
             B.prototypes(proto)
-            workloads.append((workloads[0][0], workloads[0][1], proto))
+            workloads.append((workloads[0][0], workloads[0][1], proto, workloads[0][3]))
     t_start = time.time()
     info = B.machine_info()
     print(f"machine: {info['cpu']} | {info['cpu_count']} cores | torch {info['torch']} | load average "
@@ -512,12 +542,12 @@ def main(argv=None) -> int:
         _print_report({"hybrid_vs_hf": res["hybrid_vs_hf"]})
     if "workload" in parts:
         res["workloads"] = []
-        for d, n, proto in workloads:
+        for d, n, proto, algo in workloads:
             with B.prototypes(proto):
-                w = run_workload(args, path, tok, d, n, peaks)
+                w = run_workload(args, path, tok, d, n, peaks, algo)
             w["prototypes"] = proto
             res["workloads"].append(w)
-            label = f"{d} x {n}" + (f" [{proto}]" if proto else "")
+            label = f"{d} x {n}" + (f" [{proto}]" if proto else "") + (" GRPO" if algo == "grpo" else "")
             print(f"(c) {label}: {w['samples_per_s']:.3f} samples/s (iteration {w['iteration_s']:.2f} s: "
                   f"generate {w['generate_s']:.2f}, score {w['score_s']:.2f}, train {w['train_s']:.2f})",
                   flush=True)

@@ -5,11 +5,16 @@ Every `--log-rollouts-interval` iterations, `log_rollouts` writes
 
     {"iteration", "index", "prompt", "answer", "reward", "return_total", "length", "ended",
      "token_ids": [...], "tokens": [...],            each answer token and its text
-     "logprob", "ref_logprob", "kl", "value", "advantage", "reward_t": [...]}   one per token
+     "logprob", "ref_logprob", "kl", "value", "advantage", "reward_t", "entropy": [...],  per token
+     "rewards": {source: score}}                     each reward source on its own
+
+ref_logprob and kl are null without a reference model (KL coefficient 0), value without a
+critic (GRPO and the other critic-free algorithms).
 
 reward: the answer's score (after --normalize-reward / the missing-EOS penalty, before the KL
 shaping: what GAE saw at the last token); kl: log p - log p_ref of each token (k1); reward_t:
-the KL-shaped per-token reward; advantage: as the update used it (whitened, by default).
+the KL-shaped per-token reward; entropy: of the sampling distribution (softmax(logits / T), before
+top-p/top-k) at that token; advantage: as the update used it (whitened, by default).
 Rank 0 writes its own rollouts. `chatrl inspect RUN_DIR` (inspector.py) shows them.
 """
 
@@ -22,8 +27,13 @@ from pathlib import Path
 ROUND = 5  # decimals kept: enough to read, and files stay small
 
 
-def _floats(t) -> list[float]:
-    return [round(float(x), ROUND) for x in t.tolist()]
+def _floats(t) -> list[float] | None:
+    """None where the run has no such tensor (no reference model at KL 0, no critic)."""
+    return None if t is None else [round(float(x), ROUND) for x in t.tolist()]
+
+
+def _row(t, i: int, n: int):
+    return None if t is None else t[i, :n]
 
 
 def rollout_rows(iteration: int, exp, tokenizer, extra: dict | None = None, start: int = 0) -> list[dict]:
@@ -46,12 +56,16 @@ def rollout_rows(iteration: int, exp, tokenizer, extra: dict | None = None, star
             "token_ids": ids,
             "tokens": [tokenizer.decode([t], skip_special_tokens=False) for t in ids],
             "logprob": _floats(exp.logprobs[i, :n]),
-            "ref_logprob": _floats(exp.ref_logprobs[i, :n]),
-            "kl": _floats(exp.logprobs[i, :n] - exp.ref_logprobs[i, :n]),
-            "value": _floats(exp.values[i, :n]),
+            "ref_logprob": _floats(_row(exp.ref_logprobs, i, n)),
+            "kl": (None if exp.ref_logprobs is None
+                   else _floats(exp.logprobs[i, :n] - exp.ref_logprobs[i, :n])),
+            "value": _floats(_row(exp.values, i, n)),
             "advantage": _floats(exp.advantages[i, :n]),
             "reward_t": _floats(exp.rewards[i, :n]),
+            "entropy": _floats(_row(getattr(exp, "entropy", None), i, n)),
         }
+        if getattr(exp, "reward_parts", None):
+            row["rewards"] = exp.reward_parts[i]  # each reward source's score
         for key, value in (extra or {}).items():
             row[key] = value[i] if isinstance(value, (list, tuple)) else value
         rows.append(row)

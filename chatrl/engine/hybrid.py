@@ -62,6 +62,7 @@ class GenerationParams:
 class Generation:
     sequences: torch.Tensor           # [batch, prompt_len + new] prompt (left-padded) + answer
     logprobs: torch.Tensor | None     # [batch, new] log p(token) under the unwarped logits, if asked
+    entropy: torch.Tensor | None = None  # [batch, new] entropy of each step's distribution, with logprobs
 
 
 class GenerationBackend(Protocol):
@@ -75,7 +76,8 @@ class GenerationBackend(Protocol):
 
 
 class LogprobRecorder:
-    """A logits processor that records log p(sampled token) under softmax(fp32 logits / T).
+    """A logits processor that records log p(sampled token) under softmax(fp32 logits / T), and
+    the entropy of that distribution at every step (the rollout log shows it per token).
 
     Placed first, it sees each step's raw logits (Transformers hands processors an fp32 copy). It
     keeps that step's log-softmax [batch, vocab] until the next call, whose input_ids end with the
@@ -87,6 +89,7 @@ class LogprobRecorder:
         self.temperature = temperature
         self.pending: torch.Tensor | None = None
         self.logprobs: list[torch.Tensor] = []
+        self.entropies: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.pending is not None:
@@ -94,7 +97,9 @@ class LogprobRecorder:
         z = scores.float()  # upcast before dividing by the temperature, as the training forward
         if self.temperature > 0:
             z = z / self.temperature
-        self.pending = torch.log_softmax(z, dim=-1)
+        self.pending = logp = torch.log_softmax(z, dim=-1)
+        p = logp.exp()
+        self.entropies.append(-torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1))
         return scores
 
     def _gather(self, tokens: torch.Tensor) -> None:
@@ -108,6 +113,12 @@ class LogprobRecorder:
         if not self.logprobs:
             return torch.zeros(sequences.shape[0], 0, device=sequences.device)
         return torch.stack(self.logprobs, dim=1)
+
+    def entropy(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[batch, new] entropies, aligned with finish()'s log-probs."""
+        if not self.entropies:
+            return torch.zeros(sequences.shape[0], 0, device=sequences.device)
+        return torch.stack(self.entropies, dim=1)
 
 
 @contextmanager
@@ -141,7 +152,9 @@ def hf_generate(model, input_ids, attention_mask, params: GenerationParams,
                              generation_config=config, logits_processor=processors,
                              synced_gpus=synced_gpus)
     seq = out.sequences
-    return Generation(seq, recorder.finish(seq) if recorder is not None else None)
+    if recorder is None:
+        return Generation(seq, None)
+    return Generation(seq, recorder.finish(seq), recorder.entropy(seq))
 
 
 class HFBackend:

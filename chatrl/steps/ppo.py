@@ -158,7 +158,9 @@ class PPOTrainer:
             self.last_stats["sampling/zero_variance_groups"] = 1.0 - keep.float().mean().item()
         return Experience(seq, mask, act, P, logprobs, ref_logprobs, values, scores, rewards,
                           advantages, returns, ro.group_size, ro.rows or None,
-                          sc.accuracy.to(self.device) if sc.accuracy is not None else None)
+                          sc.accuracy.to(self.device) if sc.accuracy is not None else None,
+                          [{name: round(float(t[i]), 5) for name, t in sc.per_source.items()}
+                           for i in range(len(scores))], ro.entropy)
 
     def _shape_scores(self, scores: torch.Tensor, ended: torch.Tensor,
                       lengths: torch.Tensor | None = None) -> torch.Tensor:

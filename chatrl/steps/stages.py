@@ -109,6 +109,7 @@ class Rollout:
     group_size: int = 1
     rows: list = field(default_factory=list)   # the prompt row of each answer (prompt data rows)
     stats: dict = field(default_factory=dict)
+    entropy: torch.Tensor | None = None        # [N, R] entropy of each sampling step (rollout log)
 
 
 @torch.no_grad()
@@ -150,7 +151,8 @@ def rollout(hybrid, input_ids: torch.Tensor, attention_mask: torch.Tensor, param
     else:
         logprobs = gen_logprobs
     ended = ended_with_eos(answer, action_mask, params.eos_token_id)
-    return Rollout(seq, mask, action_mask, P, logprobs, ended, n_samples, list(rows or []), stats)
+    entropy = gen.entropy[:, :R].float() * action_mask if gen.entropy is not None else None
+    return Rollout(seq, mask, action_mask, P, logprobs, ended, n_samples, list(rows or []), stats, entropy)
 
 
 # ---------------------------------------------------------------------------- the experience
@@ -161,7 +163,8 @@ class Experience:
 
     ref_logprobs is None without a reference model (KL coefficient 0), values None without a
     critic. The G answers to one prompt are consecutive rows (group_size G); `rows` holds each
-    answer's prompt-data row, `accuracy` [B] the first correctness verifier's verdict."""
+    answer's prompt-data row, `accuracy` [B] the first correctness verifier's verdict,
+    `reward_parts` each answer's score from every reward source."""
     sequences: torch.Tensor
     attention_mask: torch.Tensor
     action_mask: torch.Tensor
@@ -176,6 +179,8 @@ class Experience:
     group_size: int = 1
     rows: list | None = None
     accuracy: torch.Tensor | None = None
+    reward_parts: list | None = None  # per answer {source: raw score} (the rollout log's "rewards")
+    entropy: torch.Tensor | None = None  # [B, R] the sampling distribution's entropy per token
 
     def select(self, idx: torch.Tensor) -> "Experience":
         """Rows `idx`, with columns no row of them uses trimmed (left prompt pad, right answer pad)."""

@@ -78,7 +78,7 @@ def mean(xs):
 def test_grpo_learns_the_verifiable_task(task, tmp_path):
     out = tmp_path / "out"
     grpo(task, out, "--reward_fn", "exact", "--max_steps", "16", "--eval_prompts", "40",
-         "--eval_samples", "4", "--eval_interval", "8")
+         "--eval_samples", "4", "--eval_interval", "8", "--log-rollouts-interval", "16")
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 17))
     acc = [r["reward/accuracy"] for r in rows]
@@ -101,6 +101,18 @@ def test_grpo_learns_the_verifiable_task(task, tmp_path):
                   "policy/logprob_gap", "time/generate", "time/reward", "time/train"):
             assert k in r and math.isfinite(r[k]), (r["step"], k)
         assert "policy/kl" not in r  # no reference model at KL 0
+    # The rollout log of a critic-free run: no reference log-probs, KL or values (null), each
+    # source's score, and GRPO's advantages: one value per answer, centred within each group of 8.
+    logged = [json.loads(line) for line in (out / "rollouts" / "iter_00016.jsonl").read_text().splitlines()]
+    assert len(logged) == 4 * 8
+    for r in logged:
+        assert r["ref_logprob"] is None and r["kl"] is None and r["value"] is None
+        assert r["rewards"] == {"exact": r["reward"]} and r["reward"] in (0.0, 1.0)
+        assert len(r["advantage"]) == len(r["logprob"]) == len(r["entropy"]) == r["length"] >= 1
+        assert max(r["advantage"]) - min(r["advantage"]) < 1e-6
+    for g in range(4):
+        group = logged[8 * g:8 * g + 8]
+        assert abs(sum(r["advantage"][0] for r in group)) < 1e-3, group
     # `chatrl eval rl` on the saved policy: the same held-out prompts, the same greedy answers
     _, _, prompts = task
     res = chatrl("eval", "rl", "--path", out / "actor", "--data_path", prompts, "--reward_fn", "exact",

@@ -336,6 +336,12 @@ def test_rollout_logprobs_equal_a_full_forward_without_keeping_every_steps_logit
         err = (want - gen.logprobs).abs().max().item()
         assert err < 1e-5, (temperature, err)
         assert want.min() < -1.0  # not a trivially certain policy
+        # the per-token entropy of the rollout log: the same distribution's, before top-p
+        from chatrl.rl.logprobs import entropy_from_logits
+
+        want_h = entropy_from_logits(logits[:, P - 1:-1], temperature=temperature)
+        assert gen.entropy.shape == (3, 10)
+        assert (want_h - gen.entropy).abs().max().item() < 1e-4 and want_h.max() > 0.5
     assert asked and not any(k.get("output_logits") or k.get("output_scores") for k in asked), asked
 
 

@@ -2,12 +2,15 @@
 that opens offline in headless Chromium and shows each token with its advantage."""
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 
 from ppo_helpers import PPO_FAST, child_env, run
+
+VOCAB = 512  # at least the tiny model's vocabulary (the bound of an entropy)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +30,11 @@ def test_rollout_log(ppo_run):
     for r in rows:
         n = r["length"]
         assert 1 <= n <= 16 and r["iteration"] == 2 and r["prompt"]
-        for key in ("token_ids", "tokens", "logprob", "ref_logprob", "kl", "value", "advantage", "reward_t"):
+        for key in ("token_ids", "tokens", "logprob", "ref_logprob", "kl", "value", "advantage", "reward_t",
+                    "entropy"):
             assert len(r[key]) == n, key
+        assert all(0 <= h <= math.log(VOCAB) + 1e-4 for h in r["entropy"]) and max(r["entropy"]) > 0.1
+        assert r["rewards"] == {"model": r["reward"]}  # the reward model is the one source
         assert all(abs(k - (lp - ref)) < 2e-5 for k, lp, ref in zip(r["kl"], r["logprob"], r["ref_logprob"]))
         assert abs(sum(r["reward_t"]) - r["return_total"]) < 1e-4
         assert r["reward_t"][-1] - (-0.1 * r["kl"][-1]) == pytest.approx(r["reward"], abs=1e-3)  # score at the end
@@ -66,6 +72,37 @@ def test_inspect_html_offline_in_chromium(ppo_run, browser, tmp_path):
     Select(browser.find_element("id", "colour")).select_by_value("kl")
     browser.save_screenshot(str(tmp_path / "inspect-kl.png"))
     assert "coloured by kl" in browser.find_element("id", "summary").text
+
+
+def test_inspect_a_critic_free_run_in_chromium(browser, tmp_path):
+    """GRPO logs no reference log-probs, KL or values: the page still shows every answer with
+    its advantages and each reward source's score, and says there is no reference model."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say yes {i}", "answer": "yes"}) + "\n"
+                               for i in range(8)))
+    out = tmp_path / "grpo"
+    run([sys.executable, "-m", "chatrl", "grpo", "--actor_model_name_or_path", "tiny", "--data_path",
+         prompts, "--reward_fn", "exact", "format", "--num_generations", "4",
+         "--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "8",
+         "--max_answer_seq_len", "6", "--max_steps", "1", "--log-rollouts-interval", "1",
+         "--progress", "false", "--enable_tensorboard", "false", "--dtype", "fp32", "--output_dir", out],
+        timeout=600)
+    rows = [json.loads(line) for line in (out / "rollouts" / "iter_00001.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(set(r["rewards"]) == {"exact", "format"} and r["kl"] is None for r in rows)
+    page = tmp_path / "grpo.html"
+    proc = subprocess.run([sys.executable, "-m", "chatrl", "inspect", str(out), "--html", str(page)],
+                          capture_output=True, text=True, timeout=120, env=child_env())
+    assert proc.returncode == 0, proc.stderr
+    browser.get(page.as_uri())
+    answers = browser.find_elements("css selector", "#answers .answer")
+    assert len(answers) == 8
+    head = answers[0].find_element("css selector", ".head").text
+    assert "no reference model" in head and "exact" in head and "format" in head, head
+    assert browser.find_element("id", "curve-kl").text == "no data"  # no KL curve drawn at 0
+    best = max(rows, key=lambda r: r["reward"])
+    spans = answers[0].find_elements("css selector", ".tok")
+    assert [float(s.get_attribute("data-advantage")) for s in spans] == best["advantage"]
+    browser.save_screenshot(str(tmp_path / "inspect-grpo.png"))
 
 
 def test_inspect_without_rollouts_is_a_clear_error(tmp_path):

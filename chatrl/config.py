@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import types
@@ -348,22 +349,26 @@ class PPOConfig(CommonConfig):
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
         if self.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
-        # Each rollout batch is cut into optimizer steps of micro-batch x accumulation rows. A
-        # remainder would leave DeepSpeed's accumulation counter mid-step, so the next rollout's
-        # (or PTX's) micro-batches would join that optimizer step.
+        # Each update (its --generation-batches rollout batches) is cut into optimizer steps of
+        # micro-batch x accumulation rows. A remainder would leave DeepSpeed's accumulation
+        # counter mid-step, so the next update's (or PTX's) micro-batches would join that step.
         G, micro = algo.num_generations, self.per_device_training_batch_size
         gen = self.per_device_generation_batch_size * G
         step_rows = micro * self.gradient_accumulation_steps
-        if gen % step_rows:
+        if (gen * self.generation_batches) % step_rows:
             what = (f"--per-device-generation-batch-size {gen}" if G == 1 else
                     f"--per-device-generation-batch-size {self.per_device_generation_batch_size} x "
                     f"--num-generations {G} = {gen} answers")
+            if self.generation_batches > 1:
+                what += f" x --generation-batches {self.generation_batches}"
+            k = step_rows // math.gcd(gen, step_rows)
             raise ConfigError(
                 f"{what} is not a multiple of "
                 f"--per-device-training-batch-size {micro} x --gradient-accumulation-steps "
                 f"{self.gradient_accumulation_steps} = {step_rows}, so one optimizer step would mix "
-                f"two rollouts (or PPO and PTX); raise the generation batch to a multiple of "
-                f"{step_rows} or lower the other two")
+                f"two updates (or PPO and PTX); collect --generation-batches {k} rollout batches per "
+                f"update (as DeepSpeed-Chat's accumulation over {k} rollouts), raise the generation "
+                f"batch to a multiple of {step_rows}, or lower the other two")
         if self.missing_eos_penalty < 0:
             raise ConfigError(f"--missing-eos-penalty is subtracted from the score; give a value "
                               f">= 0, got {self.missing_eos_penalty}")

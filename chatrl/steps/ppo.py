@@ -320,6 +320,11 @@ def update_epochs(trainer: PPOTrainer, exps: list[Experience], ptx=None) -> tupl
     rank (loss/actor is the micro-batch's own)."""
     cfg, world = trainer.cfg, ds.world_size()
     unit = "token" if trainer.algo.aggregation == "token_mean" else "seq"
+    if len(exps) > 1 and any(e.batch_size % (cfg.per_device_training_batch_size *
+                                             cfg.gradient_accumulation_steps) for e in exps):
+        # an optimizer step spans rollout batches (--generation-batches k with a generation
+        # batch smaller than micro-batch x accumulation): mini-batches from the whole update
+        exps = [Experience.concat(exps, trainer.tokenizer.pad_token_id)]
     has_critic = trainer.models.critic is not None
     stats, n_ptx = [], 0
     for _ in range(cfg.ppo_epochs):

@@ -200,6 +200,14 @@ def script_argv(entry: dict, *, output: Path, model: str, actor: str | None = No
         args += ["--data_path", f"{DSCHAT_DEFAULT_DATA}:{data[DSCHAT_DEFAULT_DATA]}"]
     if entry["step"] == "ppo":
         args += ["--enable_test_mode", "--test_stop_step", "1"]
+        # DeepSpeed-Chat accumulates an optimizer step over several rollouts when the generation
+        # batch is smaller than micro-batch x accumulation (the single-GPU OPT scripts); chatrl
+        # refuses that unless the update holds that many rollout batches, and says so
+        flags = flag_values(args)
+        gen = int(flags.get("per_device_generation_batch_size", 16))
+        step = int(flags.get("per_device_training_batch_size", 16)) * int(flags.get("gradient_accumulation_steps", 1))
+        if gen % step:
+            args += ["--generation_batches", str(step // math.gcd(gen, step))]
         if answer_len is not None:
             args += ["--max_answer_seq_len", str(answer_len)]
     else:

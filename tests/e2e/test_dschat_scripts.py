@@ -16,7 +16,10 @@ substitutions (dschat_helpers.script_argv):
   chatrl's default is its demo task;
 - sizes: steps 1, 2 and DPO stop after one optimizer step (--max_steps 1; epochs, batch sizes and
   sequence lengths as written); step 3 runs one iteration in DeepSpeed-Chat's own test mode
-  (--enable_test_mode --test_stop_step 1) with batch sizes and 256 + 256 tokens as written;
+  (--enable_test_mode --test_stop_step 1) with batch sizes and 256 + 256 tokens as written; the two
+  single-GPU OPT scripts, whose generation batch is smaller than micro-batch x accumulation (an
+  optimizer step over several rollouts), get --generation_batches k, which chatrl's refusal of
+  such a configuration names (DeepSpeed-Chat mixes PTX and PPO micro-batches there);
 - --progress false. Launchers (`deepspeed --num_gpus N`, `--master_port`, `--num_nodes`) are not
   reproduced: every list runs as one process; the flags are what is tested.
 

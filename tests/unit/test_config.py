@@ -256,3 +256,12 @@ def test_ppo_generation_batch_must_fill_whole_optimizer_steps():
         build_config(PPOConfig, cli={**base, "gradient_accumulation_steps": 4})
     with pytest.raises(ConfigError, match="multiple of"):
         build_config(PPOConfig, cli={**base, "per_device_training_batch_size": 3})
+    # DeepSpeed-Chat's single-GPU step 3 (generation 16, micro-batch 16 x accumulation 2): the
+    # error names the fix, two rollout batches per update, which is then accepted
+    ds_chat = {**base, "per_device_generation_batch_size": 16, "per_device_training_batch_size": 16,
+               "gradient_accumulation_steps": 2}
+    with pytest.raises(ConfigError, match=r"collect --generation-batches 2 rollout batches per update"):
+        build_config(PPOConfig, cli=ds_chat)
+    build_config(PPOConfig, cli={**ds_chat, "generation_batches": 2})
+    with pytest.raises(ConfigError, match=r"batch-size 16 x --generation-batches 3 is not a multiple .* = 32"):
+        build_config(PPOConfig, cli={**ds_chat, "generation_batches": 3})

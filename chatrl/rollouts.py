@@ -62,9 +62,9 @@ def rollout_rows(iteration: int, exp, tokenizer, extra: dict | None = None, star
             "value": _floats(_row(exp.values, i, n)),
             "advantage": _floats(exp.advantages[i, :n]),
             "reward_t": _floats(exp.rewards[i, :n]),
-            "entropy": _floats(_row(getattr(exp, "entropy", None), i, n)),
+            "entropy": _floats(_row(exp.entropy, i, n)),
         }
-        if getattr(exp, "reward_parts", None):
+        if exp.reward_parts:
             row["rewards"] = exp.reward_parts[i]  # each reward source's score
         for key, value in (extra or {}).items():
             row[key] = value[i] if isinstance(value, (list, tuple)) else value

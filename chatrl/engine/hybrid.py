@@ -98,8 +98,7 @@ class LogprobRecorder:
         if self.temperature > 0:
             z = z / self.temperature
         self.pending = logp = torch.log_softmax(z, dim=-1)
-        p = logp.exp()
-        self.entropies.append(-torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1))
+        self.entropies.append(-(logp.exp() * logp).nansum(-1))  # 0 x -inf (masked logits): 0
         return scores
 
     def _gather(self, tokens: torch.Tensor) -> None:

@@ -374,9 +374,12 @@ def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict, al
         probes.method(f"{who}_step_s", engine, "step")
     probes.function("gen_empty_cache_s", hybrid_mod, "_empty_cache")
 
+    from chatrl.engine.memory import peak_rss_gb, reset_peak_rss
+
     iters = []
     for it in range(n_iters):
         probes.take()
+        reset_peak_rss()
         with B.Timer() as t_it:
             exp = trainer.generate_experience(ids, mask, it)
             st = dict(trainer.last_stats)
@@ -385,7 +388,7 @@ def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict, al
         T = int(exp.attention_mask.sum())
         row = {"iteration_s": t_it.s, "generate_s": st["time/generate"], "score_s": st["time/score"],
                "train_s": t_train.s, "tokens": T, "generated": int(st["tokens/generated"]),
-               "answer_len": exp.action_mask.shape[1]}
+               "answer_len": exp.action_mask.shape[1], "peak_rss_gb": peak_rss_gb()}
         row["other_s"] = row["iteration_s"] - row["generate_s"] - row["score_s"] - row["train_s"]
         row.update({k: 0.0 for k in ("actor_backward_s", "actor_step_s", "critic_backward_s",
                                       "critic_step_s", "gen_empty_cache_s")})
@@ -410,6 +413,7 @@ def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict, al
            **{k: mean[k] for k in ("iteration_s", "generate_s", "score_s", "train_s", "other_s")},
            "breakdown_s": {k: mean[k] for k in ("gen_empty_cache_s", "train_forward_s", "actor_backward_s",
                                                 "actor_step_s", "critic_backward_s", "critic_step_s")},
+           "peak_rss_gb": max(r["peak_rss_gb"] for r in iters),  # the process, models included
            "samples_per_s": prompts / mean["iteration_s"],
            "samples_per_s_best": max(prompts / r["iteration_s"] for r in iters),
            "generated_tokens_per_s": prompts * args.answer_len / mean["generate_s"],
@@ -418,6 +422,8 @@ def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict, al
            "train_flops_per_s": f_train / mean["train_s"], "peak_flops_per_s": peak,
            "all_iterations": iters}
     res["gen_pct_of_peak"] = 100 * res["gen_flops_per_s"] / peak
+    res["train_pct_of_peak"] = 100 * res["train_flops_per_s"] / peak
+    res["score_pct_of_peak"] = 100 * res["score_flops_per_s"] / peak if f_score else None
     res["pct_of_peak"] = 100 * res["flops_per_s"] / peak
     del trainer, models
     gc.collect()
@@ -462,11 +468,17 @@ def _print_report(res: dict) -> None:
                          "other": f"{w['other_s']:.2f}",
                          "gtok": f"{w['generated_tokens_per_s']:.0f}",
                          "genfl": f"{B.fmt_flops(w['gen_flops_per_s'])} ({w['gen_pct_of_peak']:.1f}%)",
+                         "scfl": (f"{B.fmt_flops(w['score_flops_per_s'])} ({w['score_pct_of_peak']:.1f}%)"
+                                  if w.get("score_pct_of_peak") is not None else "-"),
+                         "trfl": f"{B.fmt_flops(w['train_flops_per_s'])} ({w['train_pct_of_peak']:.1f}%)",
+                         "rss": f"{w['peak_rss_gb']:.2f}",
                          "fl": f"{B.fmt_flops(w['flops_per_s'])} ({w['pct_of_peak']:.1f}%)"})
         print(B.table(rows, [("cfg", "dtype x prompts"), ("sps", "samples/s"), ("it", "iter s"),
                              ("gen", "generate s"), ("score", "score s"), ("train", "train s"),
                              ("other", "other s"), ("gtok", "gen tok/s"),
-                             ("genfl", "generation FLOP/s (% peak)"), ("fl", "overall FLOP/s (% peak)")]))
+                             ("genfl", "generation FLOP/s (% peak)"), ("scfl", "scoring FLOP/s (% peak)"),
+                             ("trfl", "training FLOP/s (% peak)"), ("fl", "overall FLOP/s (% peak)"),
+                             ("rss", "peak RSS GB")]))
         print("    FLOPs: generation 2NaT, scoring (2Na + 4Nc)T, training 6(Na + Nc)T per PPO epoch; "
               "T = prompt + answer tokens; % of the matmul peak of the row's dtype. GRPO rows: the same "
               "number of answers (prompts / G, G answers each), no critic, no reference model, a reward "

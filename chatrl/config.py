@@ -326,6 +326,8 @@ class PPOConfig(CommonConfig):
                                "greedy answers only)")
     eval_temperature: float = opt(1.0, "sampling temperature of evaluation answers")
     eval_top_p: float = opt(1.0, "top-p of evaluation answers")
+    per_device_eval_batch_size: int = opt(32, "held-out answers generated at once per device "
+                                              "(greedy and sampled; evaluation only)")
 
     def validate(self) -> None:
         super().validate()
@@ -380,6 +382,9 @@ class PPOConfig(CommonConfig):
 
         if self.reward_weights is not None and any(not isinstance(w, float) for w in self.reward_weights):
             raise ConfigError(f"--reward-weights {self.reward_weights} must be numbers")
+        if self.per_device_eval_batch_size < 1:
+            raise ConfigError(f"per_device_eval_batch_size must be >= 1, got "
+                              f"{self.per_device_eval_batch_size}")
         for name in ("eval_prompts", "eval_samples", "max_sampling_rounds", "reward_retries"):
             least = 1 if name == "max_sampling_rounds" else 0
             if getattr(self, name) < least:
@@ -629,9 +634,15 @@ def default_output_dir(step: str, model: str | None, root: str = OUTPUT_ROOT) ->
     return str(Path(root) / _OUTPUT_KIND[step] / model_tag(model))
 
 
-def fill_default_paths(step: str, values: dict, root: str = OUTPUT_ROOT) -> dict:
-    """Default output folder, and for PPO the default step-1/2 outputs as actor and critic."""
+def fill_default_paths(step: str, values: dict, root: str = OUTPUT_ROOT,
+                       model_given: bool = True) -> dict:
+    """Default output folder, and for PPO the default step-1/2 outputs as actor and critic. For
+    online RL with no model named: the default `chatrl sft` output when it exists (so `chatrl sft`
+    then `chatrl grpo` continues from step 1, as `chatrl ppo` does), else the embedded model."""
     values = dict(values)
+    sft_model = Path(default_output_dir("sft", None, root)) / "model"
+    if step == "grpo" and not model_given and (sft_model / "config.json").is_file():
+        values["actor_model_name_or_path"] = str(sft_model)
     if step == "ppo":
         if not values.get("actor_model_name_or_path"):
             values["actor_model_name_or_path"] = default_output_dir("sft", None, root)
@@ -659,14 +670,15 @@ def parse_step_args(step: str, argv: list[str] | None = None, prog: str | None =
     add_deepspeed_args(parser, config_flag=False)  # --deepspeed, --deepscale_config... (DeepSpeed-Chat)
     ns = parser.parse_args(argv)
     cli = {k: v for k, v in vars(ns).items() if k not in ("config", "preset", "overrides", IGNORED_DEST)}
-    preset = ns.preset
-    if preset is None and not model_named(cli, ns.config, ns.overrides):
+    preset, named = ns.preset, model_named(cli, ns.config, ns.overrides)
+    if preset is None and not named:
         preset = "cpu-default"
     cfg = build_config(cls, cli=cli, files=ns.config, preset=preset, overrides=ns.overrides,
                        section=step, validate=False)
     cfg = dataclasses.replace(cfg, **fill_default_paths(step, {
         k: getattr(cfg, k) for k in ("output_dir", "model_name_or_path", "actor_model_name_or_path",
-                                     "critic_model_name_or_path") if hasattr(cfg, k)}))
+                                     "critic_model_name_or_path") if hasattr(cfg, k)},
+        model_given=named))
     cfg.validate()
     return cfg
 

@@ -1,7 +1,8 @@
 """One metrics logger (console, JSONL, TensorBoard), rank 0 only, and progress bars with ETA.
 
 Metric names are namespaced: `loss/actor`, `reward/score`, `policy/kl`, `time/generate`,
-`perf/tokens_per_s`... The JSONL file (`metrics.jsonl`) is what reports and tests read.
+`perf/tokens_per_s`... Every training row also has `memory/peak_rss_gb`: rank 0's peak resident
+memory since the previous training row (the whole step before the first). The JSONL file (`metrics.jsonl`) is what reports and tests read.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from .engine import ds
+from .engine.memory import peak_rss_gb, reset_peak_rss
 
 
 class MetricsLogger:
@@ -53,6 +55,9 @@ class MetricsLogger:
         if not self.main:
             return
         clean = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
+        if kind == "train":  # this process's peak RSS since the previous training row
+            clean["memory/peak_rss_gb"] = round(peak_rss_gb(), 3)
+            reset_peak_rss()
         row = {"step": step, "kind": kind, "time": time.time(), **clean}
         self._file.write(json.dumps(row) + "\n")
         if self._tb is not None:

@@ -338,6 +338,7 @@ def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 _POSITION_CACHE: dict = {}
 _KEEP_CACHE: dict = {}
+_CACHE_ARG: dict = {}
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -348,6 +349,18 @@ def accepts_logits_to_keep(model) -> bool:
 
         _KEEP_CACHE[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
     return _KEEP_CACHE[cls]
+
+
+def cache_argument(model) -> str | None:
+    """The forward's KV-cache keyword: `cache` (Transformers 5 renamed it), `past_key_values`
+    before, None for a model that takes neither."""
+    cls = type(unwrap(model))
+    if cls not in _CACHE_ARG:
+        import inspect
+
+        params = inspect.signature(cls.forward).parameters
+        _CACHE_ARG[cls] = next((a for a in ("cache", "past_key_values") if a in params), None)
+    return _CACHE_ARG[cls]
 
 
 def unwrap(model):

@@ -5,8 +5,9 @@ Each compares the completion with the prompt data's answer column (default "answ
 
     math     mathematical equivalence of the final answer (the math-verify library: LaTeX,
              \\boxed{}, fractions, sets...); the gold answer may be plain text or LaTeX
-    numeric  the completion's final number (after "####", in \\boxed{}, after "answer is", else
-             the last number in it) equals the gold number (relative tolerance 1e-6)
+    numeric  the completion's answer number (the first number after "####", in \\boxed{} or
+             after "answer is", else the last number in it) equals the gold number (relative
+             tolerance 1e-6)
     exact    the completion's final answer, normalised (case, spaces, trailing period,
              surrounding quotes), equals the normalised gold answer
     format   the completion matches --format-pattern (a regex, searched)
@@ -50,9 +51,9 @@ def _first_line(text: str) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def final_answer(text: str) -> str:
-    """The part of a completion that states its answer: after the last "####", the last
-    \\boxed{}, after the last "answer is", else the whole text."""
+def _marked_answer(text: str) -> str | None:
+    """The part of a completion after its answer mark: after the last "####", the last \\boxed{},
+    after the last "answer is" (its first line); None without a mark."""
     if "####" in text:
         return _first_line(text.rsplit("####", 1)[1])
     boxed = _boxed(text)
@@ -61,16 +62,25 @@ def final_answer(text: str) -> str:
     marks = list(re.finditer(r"answer is[:\s]*", text, re.I))
     if marks:
         return _first_line(text[marks[-1].end():])
-    return text.strip()
+    return None
+
+
+def final_answer(text: str) -> str:
+    """The part of a completion that states its answer (see _marked_answer), else the whole text."""
+    marked = _marked_answer(text)
+    return marked if marked is not None else text.strip()
 
 
 def final_number(text: str) -> float | None:
-    """The last number of the completion's final answer (commas dropped), or None."""
-    found = _NUMBER.findall(final_answer(text)) or _NUMBER.findall(text)
-    if not found:
+    """The completion's answer as a number (commas dropped), or None: the first number after its
+    answer mark ("The answer is 25, because 4..." is 25), else the last number in it."""
+    marked = _marked_answer(text)
+    found = _NUMBER.findall(marked) if marked is not None else []
+    number = found[0] if found else (_NUMBER.findall(text) or [None])[-1]
+    if number is None:
         return None
     try:
-        return float(found[-1].replace(",", ""))
+        return float(number.replace(",", ""))
     except ValueError:
         return None
 

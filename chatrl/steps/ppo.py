@@ -115,7 +115,8 @@ class PPOTrainer:
         t_reward = time.time() - t1
         ref_logprobs = None
         if m.ref is not None:
-            ref_logprobs = stages.forward_logprobs(m.ref, seq, mask, P, cfg.temperature, self.device) * act
+            ref_logprobs = stages.forward_logprobs(m.ref, seq, mask, P, cfg.temperature, self.device,
+                                                   group_size=ro.group_size) * act
         values = None
         if m.critic is not None:
             m.critic.eval()  # old values without dropout

@@ -59,7 +59,7 @@ def evaluate_policy(trainer, eval_rows, cfg, seed: int = 0) -> dict:
     world, k = ds.world_size(), cfg.eval_samples
     mine = [i for b in eval_batches(n_rows, n_rows, 1, ds.rank(), world) for i in b]
     rows = [eval_rows[i] for i in mine]
-    batch = max(cfg.per_device_generation_batch_size, 1)
+    batch = cfg.per_device_eval_batch_size  # answers per generate call: prompts x samples
     greedy = dataclasses.replace(trainer.gen_params, temperature=0.0)
     sampled = dataclasses.replace(trainer.gen_params, temperature=cfg.eval_temperature,
                                   top_p=cfg.eval_top_p)
@@ -67,7 +67,8 @@ def evaluate_policy(trainer, eval_rows, cfg, seed: int = 0) -> dict:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         g = _sums(trainer, rows, greedy, 1, batch, cfg.skip_bad_rewards)
-        s = _sums(trainer, rows if k else [], sampled, max(k, 1), batch, cfg.skip_bad_rewards)
+        s = _sums(trainer, rows if k else [], sampled, max(k, 1), max(batch // max(k, 1), 1),
+                  cfg.skip_bad_rewards)
     keys = ["reward", "answers", "correct", "length", "pass1", "passk", "prompts", "has_acc"]
     vec = torch.tensor([g[x] for x in keys] + [s[x] for x in keys], dtype=torch.float64)
     tot = ds.all_reduce_sum(vec).tolist()

@@ -21,24 +21,31 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..engine.hybrid import GenerationParams
-from ..models.load import accepts_logits_to_keep, model_inputs
+from ..models.load import accepts_logits_to_keep, cache_argument, model_inputs, unwrap
 from ..rewards import Scores, ScoringBatch, score_batch
 from ..rl import (AlgoSettings, clipped_policy_loss, discounted_returns, entropy_from_logits,
                   gae_advantages, gather_logprobs, group_advantages, kl_shaped_rewards, masked_mean,
                   response_mask, rloo_advantages, sequence_to_tokens, value_loss)
 
-__all__ = ["Experience", "Rollout", "rollout", "forward_logprobs", "answer_logits", "answer_values",
-           "ended_with_eos", "logprob_gap_stats", "scoring_batch", "score", "compute_advantages", "update_policy",
-           "update_critic"]
+__all__ = ["Experience", "Rollout", "rollout", "forward_logprobs", "answer_logits", "shared_prompt_logits",
+           "answer_values", "ended_with_eos", "logprob_gap_stats", "scoring_batch", "score",
+           "compute_advantages", "update_policy", "update_critic"]
 
 
 # ---------------------------------------------------------------------------- model forwards
 
-def answer_logits(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def answer_logits(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int,
+                  group_size: int = 1) -> torch.Tensor:
     """The model's logits for each answer token: forward over prompt + answer, sliced. [B, R, V]
 
     In the model's dtype and not yet divided by the rollout temperature: pass `temperature` to
-    gather_logprobs / entropy_from_logits, which divide after upcasting to fp32."""
+    gather_logprobs / entropy_from_logits, which divide after upcasting to fp32.
+    group_size > 1 (rows may share a prompt): each distinct prompt is forwarded once, see
+    shared_prompt_logits; the same logits, the full forward below where that does not apply."""
+    if group_size > 1:
+        logits = shared_prompt_logits(model, seq, mask, prompt_len)
+        if logits is not None:
+            return logits
     answer_len = seq.shape[1] - prompt_len
     if accepts_logits_to_keep(model):
         # The vocabulary projection only where an answer token is predicted (the last R + 1
@@ -51,6 +58,49 @@ def answer_logits(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int)
     return logits
 
 
+def shared_prompt_logits(model, seq: torch.Tensor, mask: torch.Tensor,
+                         prompt_len: int) -> torch.Tensor | None:
+    """answer_logits with each distinct prompt forwarded once: GRPO's G answers to a prompt
+    would otherwise recompute its (often longer) prompt G times. [B, R, V], or None where this
+    does not apply (the caller runs the full forward).
+
+    The distinct prompts (tokens and left padding, found in the data, so a shuffled micro-batch
+    shares too) go forward once with a KV cache; the cache is indexed out to every row (a
+    differentiable gather: the answers' gradients reach the prompt's keys and values, and the
+    weights, as in the full forward); the answers continue it at the positions model_inputs
+    gives. Answer token 0 is predicted by the prompt's last position, token t by answer token
+    t - 1 (the last answer token predicts nothing and is not forwarded). Not for models without
+    position ids (ALiBi), a cache argument or a plain DynamicCache, nor under gradient
+    checkpointing in training (Transformers drops the cache). With dropout, the answers to one
+    prompt share one draw of its dropout."""
+    from transformers import DynamicCache
+
+    P, N, R = prompt_len, seq.shape[0], seq.shape[1] - prompt_len
+    hf, arg = unwrap(model), cache_argument(model)
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in hf.modules())
+    if arg is None or R < 1 or (hf.training and checkpointing):
+        return None
+    prompts, rows = torch.unique(torch.cat([seq[:, :P], mask[:, :P].to(seq.dtype)], 1), dim=0,
+                                 return_inverse=True)
+    kwargs = model_inputs(model, prompts[:, :P], prompts[:, P:].to(mask.dtype))
+    if len(prompts) == N or "position_ids" not in kwargs:
+        return None
+    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    out = model(**kwargs, use_cache=True, **keep)
+    cache = getattr(out, arg, None)
+    if type(cache) is not DynamicCache or cache.get_seq_length() != P or \
+            any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", ())):
+        return None  # sliding-window, quantized or legacy caches
+    first = out.logits[:, -1:][rows]   # [B, 1, V]: answer token 0
+    if R == 1:
+        return first
+    cache.batch_select_indices(rows)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:-1]
+    out = model(**model_inputs(model, seq[:, P:-1], mask[:, :-1], positions), use_cache=True,
+                **{arg: cache})
+    return torch.cat([first, out.logits], dim=1)
+
+
 def answer_values(critic, seq, mask, prompt_len: int) -> torch.Tensor:
     """Critic value of the state before each answer token. [B, R]"""
     return critic(seq, mask)[:, prompt_len - 1:-1]
@@ -58,15 +108,17 @@ def answer_values(critic, seq, mask, prompt_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def forward_logprobs(model, seq, mask, prompt_len: int, temperature: float, device,
-                     eval_mode: bool = False) -> torch.Tensor:
+                     eval_mode: bool = False, group_size: int = 1) -> torch.Tensor:
     """Log-probs of the answer tokens under softmax(logits / T) of `model` (wherever it lives:
-    an offloaded model runs on its own device), fp32 on `device`. [B, R]"""
+    an offloaded model runs on its own device), fp32 on `device`. [B, R]
+
+    group_size > 1: rows share prompts (G answers each), forwarded once (answer_logits)."""
     target = next(model.parameters()).device
     was_training = model.training
     if eval_mode:
         model.eval()
     try:
-        logits = answer_logits(model, seq.to(target), mask.to(target), prompt_len)
+        logits = answer_logits(model, seq.to(target), mask.to(target), prompt_len, group_size)
     finally:
         if eval_mode and was_training:
             model.train()
@@ -144,7 +196,7 @@ def rollout(hybrid, input_ids: torch.Tensor, attention_mask: torch.Tensor, param
     stats = {"time/generate": t_gen}
     if recompute_with is not None:
         logprobs = forward_logprobs(recompute_with, seq, mask, P, params.temperature, dev,
-                                    eval_mode=True) * action_mask
+                                    eval_mode=True, group_size=n_samples) * action_mask
         gap = (logprobs - gen_logprobs).abs() * action_mask
         stats.update({"rollout/logprob_gap": (gap.sum() / action_mask.sum().clamp(min=1)).item(),
                       "rollout/logprob_gap_max": gap.max().item()})
@@ -356,7 +408,7 @@ def update_policy(actor, exp, algo: AlgoSettings, *, temperature: float, max_len
     measure_gap: no optimizer step happened since the rollout, so any difference between the old
     log-probs and this forward is rollout/training mismatch; its size is returned."""
     P, mask, act = exp.prompt_len, exp.attention_mask, exp.action_mask
-    logits = answer_logits(actor, exp.sequences, mask, P)
+    logits = answer_logits(actor, exp.sequences, mask, P, exp.group_size)
     logprobs = gather_logprobs(logits, exp.sequences[:, P:], temperature=temperature)
     loss, st = clipped_policy_loss(
         logprobs, exp.logprobs, exp.advantages, act, clip_low=algo.clip_low,

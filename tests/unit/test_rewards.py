@@ -27,6 +27,11 @@ def test_final_answer_and_number():
     assert final_number("5 x 3 = 15. The answer is 17.") == 17.0
     assert final_number("first 3, then 4, so 9 in all") == 9.0
     assert final_number("no digits") is None
+    # The number right after the mark, not a later one: listing numbers after it earns nothing.
+    assert final_number("The answer is 25, because 4 cookies together.") == 25.0
+    assert final_number("The answer is 3 + 4 = 7 or 9") == 3.0
+    assert final_number("#### 12 (not 13)") == 12.0
+    assert final_number("The answer is: none.\n3 + 4 = 7") == 7.0  # no number after the mark
     assert final_answer("x \\boxed{\\frac{1}{2}} y") == "\\frac{1}{2}"
     assert final_answer("The answer is: Paris.\nBye") == "Paris."
 

@@ -19,6 +19,20 @@ def test_grpo_with_no_arguments_is_the_arithmetic_task_on_the_embedded_model():
     assert cfg.eval_prompts > 0
 
 
+def test_grpo_with_no_model_continues_from_the_default_sft_output(tmp_path, monkeypatch):
+    """`chatrl sft` then `chatrl grpo`: step 1's default output is the policy, as for `chatrl ppo`;
+    a model named on the command line (even "default") wins."""
+    monkeypatch.chdir(tmp_path)
+    assert parse().actor_model_name_or_path == "default"  # no step-1 output yet
+    model = tmp_path / "output" / "actor-models" / "smollm2-135m-instruct" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    cfg = parse()
+    assert cfg.actor_model_name_or_path == "output/actor-models/smollm2-135m-instruct/model"
+    assert cfg.data_path == ["arith"] and cfg.eval_prompts > 0  # still the no-argument preset
+    assert parse("--actor_model_name_or_path", "default").actor_model_name_or_path == "default"
+
+
 def test_algorithm_presets_and_flags_on_top():
     algo = parse("--actor_model_name_or_path", "tiny", "--algo", "dapo", "--clip-high", "0.3",
                  "--max_answer_seq_len", "40").algorithm()

@@ -38,18 +38,26 @@ IGNORE_INDEX = -100
 _CHUNK_ELEMENTS = 1 << 26
 
 
-def _chunked_rows(logits: Tensor, fn: Callable[[Tensor, int, int, int], Tensor], chunk_tokens: int | None) -> Tensor:
-    """Apply ``fn(z_fp32 [n, V], b, start, end) -> [n]`` over row chunks; stack to ``[B, T]``."""
+def _chunked_rows(logits: Tensor, fn: Callable[[Tensor, int, int], Tensor], chunk_tokens: int | None) -> Tensor:
+    """Apply ``fn(z_fp32 [n, V], start, end) -> [n]`` over chunks of the flattened ``[B * T, V]``
+    positions (start/end index the flattened labels); reshape to ``[B, T]``.
+
+    The chunks come from one ``split`` of the flattened logits, whose backward writes every
+    chunk's gradient into one tensor. (Indexing ``logits[b, s:e]`` per row instead costs a
+    full-size zero gradient per row in the backward: ~20% of a GRPO update's time.)"""
     if logits.dim() != 3:
         raise ValueError(f"logits must be [batch, seq_len, vocab]; got shape {tuple(logits.shape)}")
     batch, seq_len, vocab = logits.shape
-    step = chunk_tokens or max(1, _CHUNK_ELEMENTS // max(vocab, 1))
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    rows = []
-    for b in range(batch):
-        parts = [fn(_upcast(logits[b, s : s + step]), b, s, min(s + step, seq_len)) for s in range(0, seq_len, step)]
-        rows.append(torch.cat(parts) if parts else logits.new_zeros(0, dtype=out_dtype))
-    return torch.stack(rows) if rows else logits.new_zeros(0, seq_len, dtype=out_dtype)
+    if batch * seq_len == 0:
+        return logits.new_zeros(batch, seq_len, dtype=out_dtype)
+    step = chunk_tokens or max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    flat = logits.reshape(batch * seq_len, vocab)
+    parts, s = [], 0
+    for z in flat.split(step):
+        parts.append(fn(_upcast(z), s, s + len(z)))
+        s += len(z)
+    return torch.cat(parts).reshape(batch, seq_len)
 
 
 def _upcast(z: Tensor) -> Tensor:
@@ -83,10 +91,12 @@ def gather_logprobs(logits: Tensor, labels: Tensor, chunk_tokens: int | None = N
     ignore = labels < 0
     safe_labels = labels.clamp(min=0)
 
-    def one(z: Tensor, b: int, s: int, e: int) -> Tensor:
+    flat_labels = safe_labels.reshape(-1)
+
+    def one(z: Tensor, s: int, e: int) -> Tensor:
         if inv_t is not None:
             z = z * inv_t
-        picked = z.gather(-1, safe_labels[b, s:e].unsqueeze(-1)).squeeze(-1)
+        picked = z.gather(-1, flat_labels[s:e].unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(z, dim=-1)
 
     return _chunked_rows(logits, one, chunk_tokens).masked_fill(ignore, 0.0)
@@ -104,7 +114,7 @@ def entropy_from_logits(logits: Tensor, chunk_tokens: int | None = None,
     """
     inv_t = 1.0 / temperature if temperature > 0 and temperature != 1.0 else None
 
-    def one(z: Tensor, b: int, s: int, e: int) -> Tensor:
+    def one(z: Tensor, s: int, e: int) -> Tensor:
         if inv_t is not None:
             z = z * inv_t
         return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(dim=-1)

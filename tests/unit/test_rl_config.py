@@ -10,13 +10,16 @@ def parse(*argv, step="grpo"):
     return parse_step_args(step, ["--output_dir", "/tmp/unused", *map(str, argv)])
 
 
-def test_grpo_with_no_arguments_is_the_arithmetic_task_on_the_embedded_model():
+def test_grpo_with_no_arguments_is_the_arithmetic_task_on_the_embedded_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no step-1 output here (see the next test)
     cfg = parse()
     algo = cfg.algorithm()
     assert cfg.data_path == ["arith"] and cfg.actor_model_name_or_path == "default"
     assert cfg.critic_model_name_or_path is None and cfg.reward_fn == []
-    assert (algo.name, algo.estimator, algo.num_generations, algo.kl_coef) == ("grpo", "grpo", 8, 0.0)
-    assert cfg.eval_prompts > 0
+    # the cpu-default preset's knobs on top of GRPO (configs/cpu-default.yaml)
+    assert (algo.name, algo.estimator, algo.num_generations, algo.kl_coef) == ("grpo", "grpo", 8, 0.04)
+    assert (algo.aggregation, cfg.temperature) == ("token_mean", 0.7)
+    assert cfg.eval_prompts >= 100 and cfg.eval_samples == 0
 
 
 def test_grpo_with_no_model_continues_from_the_default_sft_output(tmp_path, monkeypatch):

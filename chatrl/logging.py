@@ -28,6 +28,7 @@ class MetricsLogger:
         self.trackers: list = []  # --report-to wandb... (chatrl/tracking.py), set by start_run
         if not self.main:
             return
+        reset_peak_rss()  # the first training row's peak covers everything from here
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         # A fresh run starts a new log; a resumed run appends (see truncate_after).

@@ -12,17 +12,9 @@ from chatrl.models import load_causal_lm, resolve_model_path
 from chatrl.rl import gather_logprobs
 from chatrl.rl.algorithms import resolve_algorithm
 from chatrl.steps import stages
+from test_models import randomize  # larger random weights, so position or padding mistakes show
 
 SHARING = ["llama", "qwen2", "gpt2", "opt"]   # the tiny archs that take position ids and a cache
-
-
-def randomize(model, seed=0, scale=0.5):
-    """Larger random weights than the tiny init, so position or padding mistakes show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale / max(1, p.shape[-1]) ** 0.5)
-    return model
 
 
 def tiny(arch):

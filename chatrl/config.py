@@ -121,6 +121,13 @@ class CommonConfig:
             read_deepspeed_config(self.deepspeed_config)  # exists and holds a JSON object
 
 
+def check_layers_unfrozen(cfg, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < -1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be -1 (train every layer) or a count of "
+                              f"top blocks >= 0, got {getattr(cfg, name)}")
+
+
 @dataclass
 class ModelTrainConfig(CommonConfig):
     model_name_or_path: Optional[str] = opt(None, "base model: hub id, folder, .gguf file, or none "
@@ -144,6 +151,9 @@ class ModelTrainConfig(CommonConfig):
                                     "(DeepSpeed-Chat: 'decoder.layers.' for OPT, 'layers.' for Llama); "
                                     "empty: every linear layer in the transformer blocks")
     only_optimize_lora: bool = opt(False, "train only the LoRA weights")
+    num_layers_unfrozen: int = opt(-1, "train only the top N transformer blocks (and the final norm "
+                                       "and head above them); embeddings and lower blocks frozen, so "
+                                       "the backward pass and optimizer cover only the top (-1: all)")
     lora_learning_rate: float = opt(5e-4, "learning rate of the LoRA weights")
     eval_interval: int = opt(0, "evaluate every N optimizer steps (0: at the end of each epoch)")
     eval_iters: int = opt(100, "at most this many evaluation batches")
@@ -158,6 +168,7 @@ class ModelTrainConfig(CommonConfig):
             raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if self.only_optimize_lora and self.lora_dim <= 0:
             raise ConfigError("--only-optimize-lora needs LoRA: set --lora-dim to a rank > 0 (e.g. 8)")
+        check_layers_unfrozen(self, "num_layers_unfrozen")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
 
@@ -201,6 +212,9 @@ class PPOConfig(CommonConfig):
     per_device_training_batch_size: int = opt(16, "PPO mini-batch per device")
     generation_batches: int = opt(1, "rollout batches collected before each PPO update")
     ppo_epochs: int = opt(1, "passes over each collected experience")
+    time_limit: float = opt(0.0, "seconds this step may take: it stops (and saves) after the iteration "
+                                 "that leaves too little time for another (0: no limit; chatrl train "
+                                 "--time-budget sets it)")
     max_prompt_seq_len: int = opt(256, "longer prompts are dropped (counted)")
     max_answer_seq_len: int = opt(256, "max new tokens per answer")
     num_train_epochs: int = opt(1, "passes over the prompt data")
@@ -254,6 +268,10 @@ class PPOConfig(CommonConfig):
     actor_lora_module_name: str = opt("", "actor LoRA target filter (see --lora-module-name)")
     critic_lora_dim: int = opt(0, "critic LoRA rank (0: off)")
     critic_lora_module_name: str = opt("", "critic LoRA target filter")
+    actor_num_layers_unfrozen: int = opt(-1, "train only the actor's top N transformer blocks "
+                                             "(see --num-layers-unfrozen; -1: all)")
+    critic_num_layers_unfrozen: int = opt(-1, "train only the critic's top N transformer blocks and "
+                                              "its value head (-1: all)")
     only_optimize_lora: bool = opt(False, "train only LoRA weights")
     actor_lora_learning_rate: float = opt(5e-4, "actor LoRA learning rate")
     critic_lora_learning_rate: float = opt(5e-4, "critic LoRA learning rate")
@@ -331,6 +349,7 @@ class PPOConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_layers_unfrozen(self, "actor_num_layers_unfrozen", "critic_num_layers_unfrozen")
         for name in ("per_device_generation_batch_size", "per_device_training_batch_size",
                      "generation_batches", "ppo_epochs", "max_prompt_seq_len", "max_answer_seq_len",
                      "num_train_epochs", "gradient_accumulation_steps"):

@@ -78,11 +78,12 @@ def judge_answers(prompts: list[list[dict]], answers: list[list[str]]) -> list[f
 
 def compare_models(models: dict[str, str], prompts: list[list[dict]], *, judge: bool,
                    max_new_tokens: int = 64, temperature: float = 0.0, samples: int = 1,
-                   seed: int = 0) -> dict[str, Answers]:
+                   seed: int = 0, batch_size: int = 8) -> dict[str, Answers]:
     """Every model answers the same prompts (same seed); judge scores if the prompts are demo ones."""
     results = {}
     for label, path in models.items():
-        ans = generate_answers(path, prompts, max_new_tokens, temperature, seed=seed, samples=samples)
+        ans = generate_answers(path, prompts, max_new_tokens, temperature, seed=seed, samples=samples,
+                               batch_size=batch_size)
         scores = judge_answers(prompts, ans) if judge else None
         results[label] = Answers(path, [a[0] for a in ans], scores)
     return results

@@ -60,6 +60,14 @@ def build_parser(prog: str = "chatrl train") -> argparse.ArgumentParser:
     p.add_argument("--no-report", dest="report", action="store_false", help="skip the final report")
     p.add_argument("--report-prompts", type=int, default=32, help="held-out prompts in the report")
     p.add_argument("--restart", action="store_true", help="redo finished steps instead of skipping")
+    p.add_argument("--time-budget", "--time_budget", dest="time_budget", default=None,
+                   help="wall-clock budget for the whole run (e.g. 15m, 900, 1h; 'off'): step 3's "
+                        "PPO iterations are planned to fit it from a short measurement of this "
+                        "machine (default: the preset's; cpu-default: 15m)")
+    p.add_argument("--no-estimate", dest="estimate", action="store_false",
+                   help="skip the up-front time estimate (and so the time budget)")
+    p.add_argument("--estimate-only", action="store_true",
+                   help="print the time estimate (and the budget's PPO plan) and exit")
     p.add_argument("--algo", default="ppo", choices=("ppo", "grpo", "dr_grpo", "dapo", "rloo",
                                                      "reinforce_pp", "gspo"),
                    help="step 3's algorithm; any but ppo runs step 1 and then `chatrl grpo "
@@ -113,11 +121,28 @@ def _split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     return scoped
 
 
+def _preset(args) -> str | None:
+    named = args.actor_model is not None or bool(args.config)
+    return args.preset or (None if named else "cpu-default")
+
+
+def time_budget(args) -> float | None:
+    """--time-budget, else the `train: time_budget` of the preset / config files (last wins)."""
+    from .budget import parse_duration
+
+    if args.time_budget is not None:
+        return parse_duration(args.time_budget)
+    value = None
+    preset = _preset(args)
+    for path in ([C.preset_path(preset)] if preset else []) + list(args.config or []):
+        value = C.load_yaml_parts(path, "train")[1].get("time_budget", value)
+    return parse_duration(value)
+
+
 def plan_steps(args) -> dict[str, object]:
     """The resolved config of each step (all three, so later steps know earlier outputs)."""
     root = args.output_dir
-    named = args.actor_model is not None or bool(args.config)
-    preset = args.preset or (None if named else "cpu-default")
+    preset = _preset(args)
     scoped = _split_overrides(args.overrides)
 
     def from_files(step: str):
@@ -186,6 +211,65 @@ def _run_launched(prefix: list[str], name: str, cfg) -> None:
                          f"fix the error above and re-run the same command to resume")
 
 
+def _estimate(args, plans: dict, to_run: list[str], budget: float | None, prefix):
+    """Measure this machine, print the estimate (and the PPO plan of a budget); None when
+    skipped (--no-estimate, nothing to run, or a launched multi-process run)."""
+    from . import budget as B
+    from .engine import ds
+
+    steps = [n for n in to_run if n in ("sft", "rm", "ppo")]
+    if not args.estimate or not steps or prefix is not None:
+        if budget is not None and prefix is not None:
+            print("[chatrl train] --time-budget is for single-process runs; ignored under the "
+                  "DeepSpeed launcher", file=sys.stderr)
+        return None
+    from .models import resolve_model_path
+
+    ppo = plans.get("ppo")
+    batches = (ppo.per_device_generation_batch_size,) if ppo is not None else ()
+    report = args.report_prompts if args.report and ppo is not None else 0
+    if report:
+        batches += (min(report, B.REPORT_DECODE_BATCH),)
+    rates = B.probe(resolve_model_path(plans["sft"].model_name_or_path),
+                    ds.resolve_dtype(plans["sft"].dtype), batches or (1,))
+    plan = B.plan_train(plans, rates, steps, report, budget, planned_ppo=_resumed_iters(ppo))
+    print(f"[chatrl train] {plan['text']}", file=sys.stderr, flush=True)
+    return plan
+
+
+def _resumed_iters(ppo_cfg) -> int | None:
+    """The iteration count an interrupted step 3 was planned with (kept on resume)."""
+    if ppo_cfg is None:
+        return None
+    saved = Path(ppo_cfg.output_dir) / "run_config.yaml"
+    if not (Path(ppo_cfg.output_dir) / "checkpoints").is_dir() or not saved.exists():
+        return None
+    import yaml
+
+    value = (yaml.safe_load(saved.read_text()) or {}).get("max_steps")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float):
+    """Step 3's iteration count and time limit for what is left of the budget. The estimate of
+    an iteration is scaled by how far off the estimates of the steps just run were."""
+    from .budget import STEP_OVERHEAD_S, fmt_duration
+
+    ran = [k for k in timings if k in estimate["steps"]]
+    scale = 1.0
+    if ran:
+        scale = sum(timings[k] for k in ran) / max(sum(estimate["steps"][k] for k in ran), 1e-9)
+        scale = min(max(scale, 0.5), 2.0)
+    report = estimate["report"] * scale
+    room = budget - elapsed - report
+    resumed = _resumed_iters(cfg)
+    n = resumed or max(1, min(estimate["configured"], int((room - STEP_OVERHEAD_S["ppo"])
+                                                         // (estimate["per_iteration"] * scale))))
+    print(f"[chatrl train] step ppo: {n} iterations in the {fmt_duration(max(room, 0))} left of the "
+          f"budget (estimates x{scale:.2f} after the steps so far)", file=sys.stderr, flush=True)
+    return dataclasses.replace(cfg, max_steps=n, time_limit=max(room, 1.0))
+
+
 def train_main(argv: list[str] | None = None, prog: str = "chatrl train") -> int:
     args = build_parser(prog).parse_args(argv)
     plans = plan_steps(args)
@@ -194,6 +278,14 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train") -> int
     if args.algo != "ppo":  # step 1, then online RL from its model in place of steps 2-3
         wanted = [n for n in wanted if n == "sft"] + (["grpo"] if {2, 3} & set(args.step) else [])
     t0 = time.time()
+    to_run = [n for n in wanted if args.restart or not step_done(n, plans[n])]
+    budget = time_budget(args)
+    if args.estimate_only:
+        args.estimate = True
+        to_run = wanted if args.restart or not to_run else to_run
+    estimate = _estimate(args, plans, to_run, budget, prefix)
+    if args.estimate_only:
+        return 0
     timings = {}
     for name in wanted:
         cfg = plans[name]
@@ -203,6 +295,8 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train") -> int
             continue
         if args.restart:
             cfg = dataclasses.replace(cfg, resume=False, overwrite=True)
+        if name == "ppo" and estimate is not None and budget is not None:
+            cfg = _fit_ppo(cfg, estimate, timings, budget, time.time() - t0)
         print(f"[chatrl train] step {name} -> {cfg.output_dir}", file=sys.stderr, flush=True)
         t = time.time()
         if prefix is None:

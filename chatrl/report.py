@@ -120,8 +120,10 @@ def write_report(root: Path, plans: dict, timings: dict, n_prompts: int = 32,
     prompts, judged = _report_prompts(plans, n_prompts)
     base = read_meta(dirs["sft"] / "model").get("base_model") or plans["sft"].model_name_or_path
     models = {"base": base, "SFT": str(dirs["sft"] / "model"), "RLHF": str(dirs["ppo"] / "actor")}
+    from .budget import REPORT_DECODE_BATCH
+
     res = compare_models(models, prompts, judge=judged, max_new_tokens=max_new_tokens,
-                         temperature=temperature, seed=seed)
+                         temperature=temperature, seed=seed, batch_size=REPORT_DECODE_BATCH)
 
     lines = ["# chatrl training report", ""]
     lines += ["## Results", ""]

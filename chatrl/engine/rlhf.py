@@ -15,6 +15,7 @@ import torch
 
 from ..models import load_causal_lm
 from ..models.load import check_same_tokenizer
+from ..models.freeze import report_trainable
 from ..models.lora import apply_lora
 from ..models.reward import RewardModel
 from . import ds
@@ -34,6 +35,7 @@ class ModelSpec:
     lora_lr: float = 5e-4
     weight_decay: float = 0.0
     gradient_checkpointing: bool = False
+    layers_unfrozen: int = -1  # train only the top N transformer blocks (-1: all)
 
 
 def _frozen(model: torch.nn.Module, zero_stage: int, dtype: str, offload_to_cpu: bool):
@@ -78,10 +80,11 @@ class RLHFModels:
         if reward_path is not None and (critic is None or reward_path != critic.path):
             check_same_tokenizer(actor.path, reward_path, ("actor", "reward model"))
 
-        def engine_for(model, spec: ModelSpec, n_steps: int):
+        def engine_for(model, spec: ModelSpec, n_steps: int, role: str):
             if spec.lora_dim > 0:
                 model = apply_lora(model, spec.lora_dim, None, spec.lora_module_name,
                                    only_optimize=spec.only_optimize_lora)
+            report_trainable(model, spec.layers_unfrozen, role)
             return ds.build_engine(model, ds.EngineSpec(
                 zero_stage=spec.zero_stage, offload=offload, dtype=dtype, micro_batch=micro_batch,
                 grad_accum=grad_accum, grad_clip=grad_clip, lr=spec.lr, weight_decay=spec.weight_decay,
@@ -94,7 +97,7 @@ class RLHFModels:
         ref_model = copy.deepcopy(actor_model) if reference else None
         # The actor may take more optimizer steps than the critic (PTX adds one after each PPO
         # step): each scheduler is built for its own model's count.
-        self.actor = engine_for(actor_model, actor, actor_total_steps or total_steps)
+        self.actor = engine_for(actor_model, actor, actor_total_steps or total_steps, "actor: ")
         self.hybrid = HybridEngine(self.actor, release_inference_cache=release_inference_cache)
         self.ref = (_frozen(ref_model, actor.zero_stage, dtype, offload_reference_model)
                     if reference else None)
@@ -108,7 +111,7 @@ class RLHFModels:
         else:
             reward_model = RewardModel.from_pretrained(reward_path, dtype="fp32", dropout=0.0,
                                                         tokenizer=tokenizer)
-        self.critic = engine_for(critic_model, critic, total_steps) if critic else None
+        self.critic = engine_for(critic_model, critic, total_steps, "critic: ") if critic else None
         self.reward = (_frozen(reward_model, critic.zero_stage if critic else actor.zero_stage, dtype,
                                offload_reward_model) if reward_model is not None else None)
         # EMA of the actor: a full fp32 copy on the CPU (bf16 would swallow most updates)

@@ -23,7 +23,7 @@ from ..data import build_step_data, tokenize_step_data
 from ..data.templates import resolve_template
 from ..engine import checkpoint as ckpt
 from ..engine import ds
-from ..engine.flops import matmul_params, train_flops
+from ..engine.flops import train_flops_per_token
 from ..errors import ConfigError, DataError, OutputError
 from ..logging import MetricsLogger, progress, write_line
 from ..models import load_tokenizer, resolve_model_path
@@ -333,7 +333,7 @@ def supervised_loop(run: Run, engine, train_ds, spec: LoopSpec, *,
     bar = progress(n_total, f"{run.name} train", spec.progress, initial=step)
     last_eval: dict = {}
     t_units, t_tokens, t0 = 0, 0, time.time()
-    n_params = matmul_params(engine.module)
+    flops_per_token = train_flops_per_token(engine.module)
     while step < n_total and epoch < spec.epochs:
         batches = epoch_batches(len(train_ds), spec.seed, epoch, gb)
         for b in range(start_in_epoch, per_epoch):
@@ -369,7 +369,7 @@ def supervised_loop(run: Run, engine, train_ds, spec: LoopSpec, *,
                 tokens = ds.all_reduce_sum(torch.tensor(float(t_tokens))).item()
                 metrics[f"perf/{unit_name}_per_s"] = t_units / max(dt, 1e-9)
                 metrics["perf/tokens_per_s"] = tokens / max(dt, 1e-9)
-                metrics["perf/flops_per_s"] = train_flops(n_params, tokens) / max(dt, 1e-9)
+                metrics["perf/flops_per_s"] = flops_per_token * tokens / max(dt, 1e-9)
                 run.logger.log(step, metrics)
                 t_units, t_tokens, t0 = 0, 0, time.time()
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")

@@ -29,7 +29,7 @@ import torch
 
 from ..engine import checkpoint as ckpt
 from ..engine import ds
-from ..engine.flops import forward_flops, matmul_params, train_flops
+from ..engine.flops import forward_flops, matmul_params, train_flops_per_token
 from ..engine.hybrid import GenerationParams
 from ..engine.rlhf import ModelSpec, RLHFModels
 from ..logging import progress, write_line
@@ -292,10 +292,12 @@ def build_models(cfg, tokenizer, total_steps: int, dtype: str,
     return RLHFModels(
         ModelSpec(actor_path, cfg.actor_zero_stage, cfg.actor_dropout, cfg.actor_lora_dim,
                   cfg.actor_lora_module_name, cfg.only_optimize_lora, cfg.actor_learning_rate,
-                  cfg.actor_lora_learning_rate, cfg.actor_weight_decay, cfg.actor_gradient_checkpointing),
+                  cfg.actor_lora_learning_rate, cfg.actor_weight_decay, cfg.actor_gradient_checkpointing,
+                  cfg.actor_num_layers_unfrozen),
         ModelSpec(critic_path, cfg.critic_zero_stage, cfg.critic_dropout, cfg.critic_lora_dim,
                   cfg.critic_lora_module_name, cfg.only_optimize_lora, cfg.critic_learning_rate,
-                  cfg.critic_lora_learning_rate, cfg.critic_weight_decay, cfg.critic_gradient_checkpointing)
+                  cfg.critic_lora_learning_rate, cfg.critic_weight_decay, cfg.critic_gradient_checkpointing,
+                  cfg.critic_num_layers_unfrozen)
         if critic_path else None,
         reward_path, tokenizer, dtype=dtype, offload=cfg.offload,
         micro_batch=cfg.per_device_training_batch_size, grad_accum=cfg.gradient_accumulation_steps,
@@ -401,6 +403,8 @@ def run_ppo(cfg) -> Path:
     ptx, ptx_used = None, 0
     flops_actor = matmul_params(models.actor.module)
     flops_critic = matmul_params(models.critic.module) if models.critic is not None else 0
+    train_per_token = sum(train_flops_per_token(e.module) for e in (models.actor, models.critic)
+                          if e is not None)
 
     # resume
     it, epoch, start_batch = 0, 0, 0
@@ -434,6 +438,7 @@ def run_ppo(cfg) -> Path:
         run.logger.log(0, evaluate_policy(trainer, eval_ds, cfg, seed=cfg.seed), kind="eval")
     bar = progress(n_iters, name, cfg.progress, initial=it, unit="iter")
     gap_warned = False
+    t_step, it_first = time.time(), it
     while it < n_iters:
         t_iter = time.time()
         # 1-3. rollout, score, advantages over `generation_batches` rollout batches
@@ -470,7 +475,7 @@ def run_ppo(cfg) -> Path:
         # generation + reference forward (actor-sized), critic + reward forwards, the updates
         flops = ((1 + (models.ref is not None)) * forward_flops(flops_actor, tokens)
                  + 2 * forward_flops(flops_critic, tokens)
-                 + cfg.ppo_epochs * train_flops(flops_actor + flops_critic, tokens))
+                 + cfg.ppo_epochs * train_per_token * tokens)
         metrics.update({"time/generate": t_gen, "time/score": t_score, "time/train": t_train,
                         "time/reward": sum(s.get("time/reward", 0.0) for s in gen_stats),
                         "time/iteration": dt, "perf/samples_per_s": n_samples * world / dt,
@@ -490,6 +495,7 @@ def run_ppo(cfg) -> Path:
                           else "Check --dtype and dropout (--actor-dropout 0)"))
         common.guard_metrics(run, f"iteration {it}", metrics)
         run.logger.log(it, metrics)
+        n_iters = out_of_time(cfg, it, n_iters, t_step, (time.time() - t_step) / (it - it_first), bar, name)
         bar.set_postfix(reward=f"{metrics['reward/score']:.3f}", kl=f"{metrics.get('policy/kl', 0.0):.3f}")
         bar.update(1)
         if evaluate and ((cfg.eval_interval and it % cfg.eval_interval == 0) or it == n_iters):
@@ -526,6 +532,22 @@ def run_ppo(cfg) -> Path:
     write_line(f"{name}: done; actor saved to {run.out_dir / 'actor'}")
     common.finish_run(run)
     return run.out_dir / "actor"
+
+
+def out_of_time(cfg, it: int, n_iters: int, t_start: float, per_iter: float, bar, name: str) -> int:
+    """The iteration count, cut to `it` when --time-limit leaves no room for another iteration
+    (the same on every rank: any rank that is late stops all)."""
+    if not cfg.time_limit or it >= n_iters:
+        return n_iters
+    late = float(time.time() - t_start + per_iter > cfg.time_limit)
+    if ds.world_size() > 1:
+        late = float(ds.all_reduce_sum(torch.tensor(late)).item())
+    if not late:
+        return n_iters
+    write_line(f"{name}: stopping after iteration {it} of {n_iters}: another (~{per_iter:.0f}s) would "
+               f"pass the time limit of {cfg.time_limit:.0f}s for this step")
+    bar.total = it
+    return it
 
 
 def save_ema(models: RLHFModels, tokenizer, out_dir: Path, meta: dict) -> None:

@@ -18,6 +18,7 @@ from ..data import collate_sft
 from ..engine import ds
 from ..logging import progress_iter, write_line
 from ..models import load_causal_lm
+from ..models.freeze import report_trainable
 from ..models.lora import apply_lora
 from ..rl import sft_loss, token_counts
 from . import common
@@ -44,9 +45,11 @@ def loop_spec(cfg) -> common.LoopSpec:
 
 
 def maybe_lora(model, cfg):
+    """LoRA adapters (--lora-dim), then the frozen lower layers (--num-layers-unfrozen)."""
     if cfg.lora_dim > 0:
         model = apply_lora(model, cfg.lora_dim, cfg.lora_alpha, cfg.lora_module_name,
                            only_optimize=cfg.only_optimize_lora)
+    report_trainable(model, cfg.num_layers_unfrozen)
     return model
 
 

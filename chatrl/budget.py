@@ -1,0 +1,353 @@
+"""How long `chatrl train` will take, said before step 1, and a time budget that sizes step 3.
+
+A short probe (about 10-20 s on a 2-core CPU) times the base model on this machine in the run's
+precision: a training step (forward + backward + optimizer) and a no-grad forward, giving FLOP
+rates, and one decode step at the rollout batch and at the report's batch. Each step's time is
+then its counted work (chatrl.engine.flops, with the frozen layers of --num-layers-unfrozen; the
+token counts of its own tokenized data, padded per batch as the step pads them) divided by those
+rates, plus a fixed cost per step for loading and saving models.
+
+With a budget (`chatrl train --time-budget 15m`; the cpu-default preset sets 15 minutes) the
+number of PPO iterations is planned so that the whole run fits, and planned again when step 3
+starts, from the time steps 1-2 really took; step 3 then also stops early if an iteration would
+overrun (its `time_limit`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ConfigError
+
+# Fixed costs in seconds (model load + DeepSpeed set-up + save), measured on the 2-core CPUs
+# (AVX2 fp32 and AVX512-BF16) with the embedded 135M model; a larger model scales them by size.
+STEP_OVERHEAD_S = {"sft": 12.0, "rm": 12.0, "ppo": 25.0, "report": 10.0}
+REPORT_DECODE_BATCH = 32  # the report generates its held-out answers in batches of this size
+# Decode steps per rollout, as a fraction of --max-answer-seq-len: a batch is generated until
+# all of its answers end, which at the sampling temperatures used is close to the limit.
+DECODE_FRACTION = 1.0
+
+
+def parse_duration(text: str | int | float | None) -> float | None:
+    """'15m', '900', '900s', '1h30m', '1.5h' -> seconds; None, '', '0' or 'off' -> None."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        return float(text) if text > 0 else None
+    s = str(text).strip().lower()
+    if s in ("", "0", "off", "none"):
+        return None
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
+    if not parts or "".join(a + b for a, b in parts) != re.sub(r"\s+", "", s):
+        raise ConfigError(f"--time-budget {text!r} is not a duration; write e.g. 15m, 900, 900s, "
+                          "1h30m, or off")
+    total = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    return total if total > 0 else None
+
+
+def fmt_duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+@dataclass
+class Rates:
+    """What the probe measured on this machine, in the run's precision."""
+    dtype: str
+    train_flops_per_s: float      # forward + backward of a micro-batch (counted FLOPs / time)
+    forward_flops_per_s: float    # no-grad forward of a batch
+    optimizer_s_per_param: float  # AdamW step time per trained parameter
+    decode_s: dict[int, float] = field(default_factory=dict)  # one decode step at batch B
+    probe_s: float = 0.0
+
+
+def _timed(fn, repeats: int = 2) -> float:
+    fn()  # warm-up: allocator, oneDNN primitive creation
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int = 64,
+          layers_unfrozen: int = 8) -> Rates:
+    """Time the base model on this machine (see the module docstring)."""
+    from .engine.flops import forward_flops, matmul_params, train_flops_per_token
+    from .engine.rlhf import ds_dtype
+    from .models import load_causal_lm
+    from .models.freeze import freeze_lower_layers
+
+    t0 = time.perf_counter()
+    model = load_causal_lm(model_path, dtype="fp32", dropout=0.0).to(ds_dtype(dtype))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    n = matmul_params(model)
+
+    def ids(b, t):
+        return torch.randint(0, vocab, (b, t), generator=g)
+
+    # training: a frozen-bottom step like the default run's (the rate is per counted FLOP)
+    model.train()
+    freeze_lower_layers(model, layers_unfrozen)
+    x_train = ids(4, seq)
+    per_token = train_flops_per_token(model)
+
+    def train_step():
+        model(input_ids=x_train, labels=x_train).loss.float().backward()
+        model.zero_grad(set_to_none=True)
+
+    t_train = _timed(train_step, repeats=1)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.AdamW(trained, lr=1e-9)
+    t_opt = _timed(opt.step, repeats=1)
+    n_trained = sum(p.numel() for p in trained)
+    del opt, trained
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+    model.eval()
+
+    x_fwd = ids(8, seq)
+    with torch.no_grad():
+        t_fwd = _timed(lambda: model(input_ids=x_fwd, use_cache=False), repeats=1)
+        decode = {}
+        for b in sorted(set(decode_batches)):
+            prompt = ids(b, 32)
+
+            def steps(k=4):
+                out = model(input_ids=prompt, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                t = time.perf_counter()
+                for _ in range(k):
+                    out = model(input_ids=tok, past_key_values=past, use_cache=True)
+                    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                return (time.perf_counter() - t) / k
+
+            steps(1)
+            decode[b] = steps()
+    del model
+    return Rates(dtype=dtype, train_flops_per_s=per_token * x_train.numel() / t_train,
+                 forward_flops_per_s=forward_flops(n, x_fwd.numel()) / t_fwd,
+                 optimizer_s_per_param=t_opt / max(n_trained, 1), decode_s=decode,
+                 probe_s=time.perf_counter() - t0)
+
+
+def decode_time(rates: Rates, batch: int) -> float:
+    """One decode step at `batch`, from the nearest measured batch (linear in between)."""
+    pts = sorted(rates.decode_s.items())
+    if batch <= pts[0][0] or len(pts) == 1:
+        b, t = pts[0]
+        return t * max(batch, 1) / b if batch > b else t
+    for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
+        if batch <= b1:
+            return t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
+    b, t = pts[-1]
+    return t * batch / b
+
+
+def padded_tokens(lengths: list[int], batch: int, epochs: int = 1, seed: int = 0,
+                  max_batches: int | None = None) -> int:
+    """Tokens the step computes on: each batch padded to its longest row (a seeded shuffle, as
+    the steps shuffle; the exact order does not matter much for an estimate)."""
+    rng, total, done = random.Random(seed), 0, 0
+    for _ in range(epochs):
+        order = list(lengths)
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch + 1, batch):
+            if max_batches is not None and done >= max_batches:
+                return total
+            total += batch * max(order[i:i + batch])
+            done += 1
+    return total
+
+
+@dataclass
+class StepEstimate:
+    name: str
+    seconds: float
+    detail: str
+    per_iteration: float = 0.0  # step 3: seconds per PPO iteration
+    iterations: int = 0
+
+
+def _flops_per_token(model_path: str, n_unfrozen: int, reward: bool = False) -> tuple[float, float, int]:
+    """(train FLOPs per token, forward FLOPs per token, trained parameters) of a model folder
+    with its bottom frozen, computed on an empty (meta-device) copy: no weights are read."""
+    from transformers import AutoModelForCausalLM
+
+    from .engine.flops import forward_flops, matmul_params, train_flops_per_token
+    from .models import load_config
+    from .models.freeze import freeze_lower_layers
+
+    config = load_config(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if reward:  # no LM head; a one-output value head
+        model = model.get_decoder() if hasattr(model, "get_decoder") else model
+        model.get_output_embeddings = lambda: None
+    freeze_lower_layers(model, n_unfrozen)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return train_flops_per_token(model), forward_flops(matmul_params(model), 1), trained
+
+
+class Planner:
+    """Estimates of each step of a `chatrl train` plan, from probe rates and the steps' data."""
+
+    def __init__(self, plans: dict, rates: Rates):
+        self.plans, self.rates = plans, rates
+
+    # -- data
+    def _tokenized(self, name: str):
+        from .steps import common
+        from .steps.online import load_prompts
+
+        cfg = self.plans[name]
+        model = cfg.model_name_or_path if name in ("sft", "rm") else None
+        from .models import resolve_model_path
+
+        path = resolve_model_path(model or self.plans["sft"].model_name_or_path)
+        tok = common.load_tokenizer_for(cfg, path)
+        template = common.template_for(cfg, tok)
+        if name == "sft":
+            return common.step_datasets(cfg, tok, template, "sft", 1, cfg.max_seq_len)[:2]
+        if name == "rm":
+            return common.step_datasets(cfg, tok, template, "rm", 2, cfg.max_seq_len)[:2]
+        return load_prompts(cfg, tok, template, name)
+
+    def _train_time(self, tokens: int, steps: int, train_fpt: float, trained: int) -> float:
+        r = self.rates
+        return tokens * train_fpt / r.train_flops_per_s + steps * trained * r.optimizer_s_per_param
+
+    # -- steps
+    def sft(self) -> StepEstimate:
+        from .steps import common
+        from .steps.sft import loop_spec
+
+        cfg = self.plans["sft"]
+        train, ev = self._tokenized("sft")
+        spec = loop_spec(cfg)
+        steps = common.total_steps(len(train), spec, 1)
+        per_epoch = max(1, len(train) // spec.global_batch(1))
+        lengths = [len(x) for x in train["input_ids"]]
+        tokens = padded_tokens(lengths, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+                               epochs=math.ceil(steps / per_epoch), seed=cfg.seed,
+                               max_batches=steps)
+        train_fpt, fwd_fpt, trained = _flops_per_token(str(self._model("sft")), cfg.num_layers_unfrozen)
+        t = self._train_time(tokens, steps, train_fpt, trained)
+        t += self._eval_time(ev, "input_ids", cfg, fwd_fpt, math.ceil(steps / per_epoch))
+        return StepEstimate("sft", t + STEP_OVERHEAD_S["sft"], f"{steps} steps")
+
+    def rm(self) -> StepEstimate:
+        from .steps import common
+        from .steps.sft import loop_spec
+
+        cfg = self.plans["rm"]
+        train, ev = self._tokenized("rm")
+        spec = loop_spec(cfg)
+        steps = common.total_steps(len(train), spec, 1)
+        per_epoch = max(1, len(train) // spec.global_batch(1))
+        lengths = [max(len(a), len(b)) for a, b in zip(train["chosen_input_ids"], train["rejected_input_ids"])]
+        tokens = 2 * padded_tokens(lengths, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+                                   epochs=math.ceil(steps / per_epoch), seed=cfg.seed, max_batches=steps)
+        train_fpt, fwd_fpt, trained = _flops_per_token(str(self._model("rm")), cfg.num_layers_unfrozen,
+                                                       reward=True)
+        t = self._train_time(tokens, steps, train_fpt, trained)
+        t += self._eval_time(ev, "chosen_input_ids", cfg, fwd_fpt, math.ceil(steps / per_epoch), pairs=True)
+        return StepEstimate("rm", t + STEP_OVERHEAD_S["rm"], f"{steps} steps")
+
+    def _eval_time(self, ev, column: str, cfg, fwd_fpt: float, times: int, pairs: bool = False) -> float:
+        if ev is None or len(ev) == 0:
+            return 0.0
+        lengths = [len(x) for x in ev[column]]
+        tokens = padded_tokens(lengths, cfg.per_device_eval_batch_size, max_batches=cfg.eval_iters)
+        return (2 if pairs else 1) * times * tokens * fwd_fpt / self.rates.forward_flops_per_s
+
+    def _model(self, name: str):
+        from .models import resolve_model_path
+
+        return resolve_model_path(self.plans[name].model_name_or_path)
+
+    def ppo_iteration(self) -> tuple[float, str, int]:
+        """(seconds per PPO iteration: rollout (prefill + decode steps), scoring forwards, updates;
+        what they are; the iterations step 3 runs as configured)."""
+        cfg = self.plans["ppo"]
+        train, _ = self._tokenized("ppo")
+        gb = cfg.per_device_generation_batch_size * cfg.generation_batches
+        prompt_tokens = padded_tokens([len(x) for x in train["prompt_input_ids"]],
+                                      cfg.per_device_generation_batch_size, seed=cfg.seed)
+        batches = max(1, len(train) // cfg.per_device_generation_batch_size)
+        P = prompt_tokens / batches / cfg.per_device_generation_batch_size  # padded prompt length
+        A = cfg.max_answer_seq_len
+        actor_path = str(self._model("sft"))
+        critic_path = str(self._model("rm"))
+        a_train, a_fwd, a_trained = _flops_per_token(actor_path, cfg.actor_num_layers_unfrozen)
+        c_train, c_fwd, c_trained = _flops_per_token(critic_path, cfg.critic_num_layers_unfrozen, reward=True)
+        r = self.rates
+        seq_tokens = gb * (P + A * DECODE_FRACTION)
+        t_gen = (gb * P * a_fwd / r.forward_flops_per_s
+                 + cfg.generation_batches * A * DECODE_FRACTION
+                 * decode_time(r, cfg.per_device_generation_batch_size))
+        t_score = seq_tokens * (a_fwd + 2 * c_fwd) / r.forward_flops_per_s
+        opt_steps = cfg.ppo_epochs * max(1, gb // cfg.per_device_training_batch_size) // cfg.gradient_accumulation_steps
+        t_train = (cfg.ppo_epochs * seq_tokens * (a_train + c_train) / r.train_flops_per_s
+                   + opt_steps * (a_trained + c_trained) * r.optimizer_s_per_param)
+        total = t_gen + t_score + t_train
+        from .steps.ppo import iterations_per_epoch
+
+        n = iterations_per_epoch(len(train), cfg, 1) * cfg.num_train_epochs
+        n = min(n, cfg.max_steps) if cfg.max_steps > 0 else n
+        return total, f"generate {t_gen:.0f}s + score {t_score:.0f}s + train {t_train:.0f}s", n
+
+    def report(self, n_prompts: int, max_new_tokens: int = 48) -> float:
+        batches = math.ceil(n_prompts / REPORT_DECODE_BATCH)
+        per_model = batches * max_new_tokens * decode_time(self.rates, min(n_prompts, REPORT_DECODE_BATCH))
+        return 3 * per_model + STEP_OVERHEAD_S["report"]
+
+
+def plan_train(plans: dict, rates: Rates, wanted: list[str], report_prompts: int | None,
+               budget: float | None, planned_ppo: int | None = None) -> dict:
+    """Estimates of the wanted steps and, with a budget, the PPO iteration count that fits it
+    (`planned_ppo`: a count already fixed, e.g. by an interrupted run being resumed).
+
+    Returns {"steps": {step: seconds}, "per_iteration", "ppo_iters", "report", "text"}."""
+    pl = Planner(plans, rates)
+    est: dict[str, float] = {}
+    lines = []
+    for name, label in (("sft", "step 1 sft"), ("rm", "step 2 rm")):
+        if name in wanted:
+            e = getattr(pl, name)()
+            est[name] = e.seconds
+            lines.append(f"{label} ~{fmt_duration(e.seconds)} ({e.detail})")
+    out = {"steps": est, "per_iteration": None, "ppo_iters": None, "report": 0.0}
+    configured = None
+    if "ppo" in wanted:
+        per_iter, detail, configured = pl.ppo_iteration()
+        n_iters = planned_ppo or configured
+        rep = pl.report(report_prompts) if report_prompts else 0.0
+        if budget is not None and planned_ppo is None:
+            room = budget - sum(est.values()) - STEP_OVERHEAD_S["ppo"] - rep
+            n_iters = max(1, min(configured, int(room // per_iter)))
+        est["ppo"] = STEP_OVERHEAD_S["ppo"] + n_iters * per_iter
+        lines.append(f"step 3 ppo ~{fmt_duration(est['ppo'])} ({n_iters} iterations x "
+                     f"~{per_iter:.0f}s: {detail})")
+        if rep:
+            lines.append(f"report ~{fmt_duration(rep)}")
+        out.update(per_iteration=per_iter, ppo_iters=n_iters, report=rep, configured=configured)
+    total = sum(est.values()) + out["report"]
+    head = (f"estimated time ~{fmt_duration(total)} ({rates.dtype}; this machine measured in "
+            f"{rates.probe_s:.0f}s)" + (f"; time budget {fmt_duration(budget)}" if budget else ""))
+    if configured is not None and out["ppo_iters"] < configured:
+        head += f": PPO planned at {out['ppo_iters']} of its {configured} iterations to fit"
+    out["text"] = head + "\n  " + "\n  ".join(lines)
+    return out

@@ -1,0 +1,39 @@
+"""`chatrl train` tells its time up front and fits a time budget; `chatrl ppo --time-limit`.
+
+- The estimate (per step, from a measurement of this machine) is printed before step 1.
+- `--time-budget 1` (far too short for the smoke preset's 4 PPO iterations): step 3 is planned
+  at 1 iteration, says so, runs 1 and records max_steps 1 and its time limit in run_config.yaml.
+- `chatrl ppo ... time_limit=0.01 max_steps=3`: stops after iteration 1, says why, and still
+  saves a loadable actor.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from ppo_helpers import chatrl, metrics
+
+
+def test_estimate_budget_and_time_limit(tmp_path):
+    out = tmp_path / "out"
+    proc = chatrl("train", "--preset", "smoke", "--output-dir", out, "--time-budget", "1", "--no-report",
+                  timeout=400, cwd=tmp_path)
+    err = proc.stderr
+    assert "estimated time ~" in err and "time budget 1s" in err, err[-3000:]
+    for line in ("step 1 sft ~", "step 2 rm ~", "step 3 ppo ~"):
+        assert line in err
+    assert err.index("estimated time ~") < err.index("step sft ->")  # before step 1 starts
+    assert "PPO planned at 1 of its 4 iterations" in err
+    ppo = out / "step3-models" / "tiny"
+    assert [r["step"] for r in metrics(ppo)] == [1]
+    saved = yaml.safe_load((ppo / "run_config.yaml").read_text())
+    assert saved["max_steps"] == 1 and saved["time_limit"] >= 1.0
+
+    # the limit inside step 3: 3 iterations asked, the first one already overruns 0.01 s
+    out2 = tmp_path / "ppo2"
+    proc = chatrl("ppo", "--preset", "smoke", "--actor-model-name-or-path", out / "actor-models/tiny/model",
+                  "--critic-model-name-or-path", out / "reward-models/tiny/model", "--output-dir", out2,
+                  "max_steps=3", "time_limit=0.01", timeout=300, cwd=tmp_path)
+    assert "stopping after iteration 1 of 3" in proc.stderr, proc.stderr[-2000:]
+    assert [r["step"] for r in metrics(out2)] == [1]
+    assert (out2 / "actor" / "chatrl.json").exists()

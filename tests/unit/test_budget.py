@@ -1,0 +1,38 @@
+"""The time budget's arithmetic: durations, padded token counts, decode-time interpolation."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatrl.budget import Rates, decode_time, fmt_duration, padded_tokens, parse_duration
+from chatrl.errors import ConfigError
+
+
+def test_parse_duration():
+    assert parse_duration("15m") == 900 and parse_duration("900") == 900 and parse_duration(900) == 900
+    assert parse_duration("1h30m") == 5400 and parse_duration("90s") == 90
+    assert parse_duration("1.5h") == 5400 and parse_duration("2m 30s") == 150
+    for off in (None, "", "0", "off", 0):
+        assert parse_duration(off) is None
+    for bad in ("15 minutes", "m15", "15x", "-5m"):
+        with pytest.raises(ConfigError, match="is not a duration"):
+            parse_duration(bad)
+    assert fmt_duration(59.6) == "1m00s" and fmt_duration(905) == "15m05s" and fmt_duration(42) == "42s"
+
+
+def test_padded_tokens_pads_each_batch_to_its_longest_row():
+    assert padded_tokens([5, 5, 5, 5], 2) == 20
+    assert padded_tokens([1, 9], 2) == 18  # one batch, padded to 9
+    assert padded_tokens([3] * 10, 4) == 24  # 2 full batches; the rest is dropped, as the steps do
+    assert padded_tokens([3] * 8, 4, epochs=3) == 72
+    assert padded_tokens([3] * 8, 4, epochs=3, max_batches=5) == 60
+    lengths = list(range(1, 65))
+    assert sum(lengths) < padded_tokens(lengths, 8) <= 64 * 64
+
+
+def test_decode_time_interpolates_between_measured_batches():
+    r = Rates("fp32", 1e9, 1e9, 1e-9, decode_s={4: 0.1, 32: 0.3})
+    assert decode_time(r, 4) == pytest.approx(0.1) and decode_time(r, 32) == pytest.approx(0.3)
+    assert decode_time(r, 18) == pytest.approx(0.2)
+    assert decode_time(r, 2) == pytest.approx(0.1)  # below the smallest: no faster than it
+    assert decode_time(r, 64) == pytest.approx(0.6)  # above the largest: linear in the batch

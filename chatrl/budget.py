@@ -69,78 +69,89 @@ class Rates:
     probe_s: float = 0.0
 
 
-def _timed(fn, repeats: int = 2) -> float:
-    fn()  # warm-up: allocator, oneDNN primitive creation
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int = 64,
           layers_unfrozen: int = 8) -> Rates:
     """Time the base model on this machine (see the module docstring)."""
-    from .engine.flops import forward_flops, matmul_params, train_flops_per_token
+    from .engine import ds
+    from .engine.flops import forward_flops, matmul_params
     from .engine.rlhf import ds_dtype
     from .models import load_causal_lm
     from .models.freeze import freeze_lower_layers
 
     t0 = time.perf_counter()
-    model = load_causal_lm(model_path, dtype="fp32", dropout=0.0).to(ds_dtype(dtype))
+    dev = ds.device()
+    model = load_causal_lm(model_path, dtype="fp32", dropout=0.0).to(device=dev, dtype=ds_dtype(dtype))
     vocab = model.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
     n = matmul_params(model)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def ids(b, t):
-        return torch.randint(0, vocab, (b, t), generator=g)
+        return torch.randint(0, vocab, (b, t), generator=g).to(dev)
 
-    # training: a frozen-bottom step like the default run's (the rate is per counted FLOP)
+    def timed(fn, warm):
+        warm()  # allocator, oneDNN primitive creation
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+
+    # training: a frozen-bottom micro-batch like the default run's, through the transformer
+    # only (the rate is per counted matmul FLOP; a softmax over the vocabulary at every position
+    # would make it look slower than step 3's answer-only logits and value heads)
     model.train()
     freeze_lower_layers(model, layers_unfrozen)
-    x_train = ids(4, seq)
-    per_token = train_flops_per_token(model)
+    trunk = model.get_decoder() if hasattr(model, "get_decoder") else model
+    trunk_fpt = _trunk_flops_per_token(trunk)
 
-    def train_step():
-        model(input_ids=x_train, labels=x_train).loss.float().backward()
+    def train_step(x):
+        trunk(input_ids=x).last_hidden_state.float().pow(2).mean().backward()
         model.zero_grad(set_to_none=True)
 
-    t_train = _timed(train_step, repeats=1)
+    x_train, x_small = ids(8, seq), ids(2, 16)
+    t_train = timed(lambda: train_step(x_train), lambda: train_step(x_small))
     trained = [p for p in model.parameters() if p.requires_grad]
     for p in trained:
         p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW(trained, lr=1e-9)
-    t_opt = _timed(opt.step, repeats=1)
+    t_opt = timed(opt.step, opt.step)
     n_trained = sum(p.numel() for p in trained)
     del opt, trained
     model.zero_grad(set_to_none=True)
     model.requires_grad_(False)
     model.eval()
 
-    x_fwd = ids(8, seq)
+    decode = {}
     with torch.no_grad():
-        t_fwd = _timed(lambda: model(input_ids=x_fwd, use_cache=False), repeats=1)
-        decode = {}
+        x_fwd = ids(8, seq)
+        t_fwd = timed(lambda: model(input_ids=x_fwd, use_cache=False),
+                      lambda: model(input_ids=x_small, use_cache=False))
         for b in sorted(set(decode_batches)):
             prompt = ids(b, 32)
 
-            def steps(k=4):
-                out = model(input_ids=prompt, use_cache=True)
-                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                t = time.perf_counter()
-                for _ in range(k):
-                    out = model(input_ids=tok, past_key_values=past, use_cache=True)
-                    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                return (time.perf_counter() - t) / k
+            def gen(k):  # sampled, as rollouts are; k new tokens whatever the model says
+                model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                               max_new_tokens=k, min_new_tokens=k, do_sample=True, top_k=0,
+                               pad_token_id=0)
 
-            steps(1)
-            decode[b] = steps()
+            short = timed(lambda: gen(2), lambda: gen(1))
+            long = timed(lambda: gen(10), lambda: None)
+            decode[b] = max(long - short, 1e-6) / 8
     del model
-    return Rates(dtype=dtype, train_flops_per_s=per_token * x_train.numel() / t_train,
+    return Rates(dtype=dtype, train_flops_per_s=trunk_fpt * x_train.numel() / t_train,
                  forward_flops_per_s=forward_flops(n, x_fwd.numel()) / t_fwd,
                  optimizer_s_per_param=t_opt / max(n_trained, 1), decode_s=decode,
                  probe_s=time.perf_counter() - t0)
+
+
+def _trunk_flops_per_token(trunk) -> float:
+    """Train FLOPs per token of a decoder without its LM head (get_output_embeddings is None)."""
+    from .engine.flops import train_flops_per_token
+
+    if not hasattr(trunk, "get_output_embeddings") or trunk.get_output_embeddings() is not None:
+        trunk.get_output_embeddings = lambda: None
+    return train_flops_per_token(trunk)
 
 
 def decode_time(rates: Rates, batch: int) -> float:
@@ -339,7 +350,7 @@ def plan_train(plans: dict, rates: Rates, wanted: list[str], report_prompts: int
             room = budget - sum(est.values()) - STEP_OVERHEAD_S["ppo"] - rep
             n_iters = max(1, min(configured, int(room // per_iter)))
         est["ppo"] = STEP_OVERHEAD_S["ppo"] + n_iters * per_iter
-        lines.append(f"step 3 ppo ~{fmt_duration(est['ppo'])} ({n_iters} iterations x "
+        lines.append(f"step 3 ppo ~{fmt_duration(est['ppo'])} ({n_iters} iteration{'s' * (n_iters != 1)} x "
                      f"~{per_iter:.0f}s: {detail})")
         if rep:
             lines.append(f"report ~{fmt_duration(rep)}")

@@ -267,7 +267,8 @@ def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float):
                                                          // (estimate["per_iteration"] * scale))))
     print(f"[chatrl train] step ppo: {n} iterations in the {fmt_duration(max(room, 0))} left of the "
           f"budget (estimates x{scale:.2f} after the steps so far)", file=sys.stderr, flush=True)
-    return dataclasses.replace(cfg, max_steps=n, time_limit=max(room, 1.0))
+    # the limit leaves ~10 s for saving the models after the last iteration
+    return dataclasses.replace(cfg, max_steps=n, time_limit=max(room - 10.0, 1.0))
 
 
 def train_main(argv: list[str] | None = None, prog: str = "chatrl train") -> int:

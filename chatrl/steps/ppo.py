@@ -360,6 +360,7 @@ def run_ppo(cfg) -> Path:
     """`chatrl ppo`, and with an RLConfig `chatrl grpo` / `chatrl rl --algo NAME`."""
     name = getattr(cfg, "algo", "ppo")
     algo = cfg.algorithm()
+    t_step = time.time()  # --time-limit counts from here: loading and set-up included
     # 0. set-up
     run = common.start_run(cfg, name)
     if run.finished:  # --resume of a finished step
@@ -438,7 +439,7 @@ def run_ppo(cfg) -> Path:
         run.logger.log(0, evaluate_policy(trainer, eval_ds, cfg, seed=cfg.seed), kind="eval")
     bar = progress(n_iters, name, cfg.progress, initial=it, unit="iter")
     gap_warned = False
-    t_step, it_first = time.time(), it
+    t_loop, it_first = time.time(), it
     while it < n_iters:
         t_iter = time.time()
         # 1-3. rollout, score, advantages over `generation_batches` rollout batches
@@ -495,7 +496,7 @@ def run_ppo(cfg) -> Path:
                           else "Check --dtype and dropout (--actor-dropout 0)"))
         common.guard_metrics(run, f"iteration {it}", metrics)
         run.logger.log(it, metrics)
-        n_iters = out_of_time(cfg, it, n_iters, t_step, (time.time() - t_step) / (it - it_first), bar, name)
+        n_iters = out_of_time(cfg, it, n_iters, t_step, (time.time() - t_loop) / (it - it_first), bar, name)
         bar.set_postfix(reward=f"{metrics['reward/score']:.3f}", kl=f"{metrics.get('policy/kl', 0.0):.3f}")
         bar.update(1)
         if evaluate and ((cfg.eval_interval and it % cfg.eval_interval == 0) or it == n_iters):

@@ -74,3 +74,17 @@ def test_bad_values_are_one_line_errors(tmp_path):
                        overrides=["critic_num_layers_unfrozen=-2"])
     with pytest.raises(ConfigError, match="cannot find the transformer blocks"):
         freeze_lower_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)), 1)
+
+
+def test_train_flops_follow_what_is_trained(tiny_model_path):
+    from chatrl.engine.flops import matmul_params, train_flops_per_token
+
+    lm = load_causal_lm(tiny_model_path)
+    n = matmul_params(lm)
+    assert train_flops_per_token(lm) == pytest.approx(6 * n, rel=0.01)  # everything trains
+    block = sum(p.numel() for p in transformer_blocks(lm)[-1].parameters())
+    freeze_lower_layers(lm, 1)
+    # forward over all (2N); input and weight gradients of the top block (2 + 2 per parameter);
+    # the tied head is frozen with the embeddings but its input gradient still runs (2 per parameter)
+    head = lm.get_output_embeddings().weight.numel()
+    assert train_flops_per_token(lm) == pytest.approx(2 * n + 4 * block + 2 * head, rel=0.01)

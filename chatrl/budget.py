@@ -242,47 +242,36 @@ class Planner:
 
     # -- steps
     def sft(self) -> StepEstimate:
-        from .steps import common
-        from .steps.sft import loop_spec
-
-        cfg = self.plans["sft"]
-        train, ev = self._tokenized("sft")
-        spec = loop_spec(cfg)
-        steps = common.total_steps(len(train), spec, 1)
-        per_epoch = max(1, len(train) // spec.global_batch(1))
-        lengths = [len(x) for x in train["input_ids"]]
-        tokens = padded_tokens(lengths, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
-                               epochs=math.ceil(steps / per_epoch), seed=cfg.seed,
-                               max_batches=steps)
-        train_fpt, fwd_fpt, trained = _flops_per_token(str(self._model("sft")), cfg.num_layers_unfrozen)
-        t = self._train_time(tokens, steps, train_fpt, trained)
-        t += self._eval_time(ev, "input_ids", cfg, fwd_fpt, math.ceil(steps / per_epoch))
-        return StepEstimate("sft", t + STEP_OVERHEAD_S["sft"], f"{steps} steps")
+        return self._supervised("sft", lambda d: [len(x) for x in d["input_ids"]], pairs=False)
 
     def rm(self) -> StepEstimate:
+        return self._supervised("rm", lambda d: [max(len(a), len(b)) for a, b in
+                                                 zip(d["chosen_input_ids"], d["rejected_input_ids"])],
+                                pairs=True)
+
+    def _supervised(self, name: str, lengths_of, pairs: bool) -> StepEstimate:
+        """Steps 1 and 2: optimizer steps over padded micro-batches, plus an evaluation per epoch
+        (a reward model reads each pair's two answers: twice the rows)."""
         from .steps import common
         from .steps.sft import loop_spec
 
-        cfg = self.plans["rm"]
-        train, ev = self._tokenized("rm")
+        cfg = self.plans[name]
+        train, ev = self._tokenized(name)
         spec = loop_spec(cfg)
         steps = common.total_steps(len(train), spec, 1)
         per_epoch = max(1, len(train) // spec.global_batch(1))
-        lengths = [max(len(a), len(b)) for a, b in zip(train["chosen_input_ids"], train["rejected_input_ids"])]
-        tokens = 2 * padded_tokens(lengths, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
-                                   epochs=math.ceil(steps / per_epoch), seed=cfg.seed, max_batches=steps)
-        train_fpt, fwd_fpt, trained = _flops_per_token(str(self._model("rm")), cfg.num_layers_unfrozen,
-                                                       reward=True)
+        epochs = math.ceil(steps / per_epoch)
+        rows = 2 if pairs else 1
+        tokens = rows * padded_tokens(lengths_of(train), spec.global_batch(1), epochs=epochs,
+                                      seed=cfg.seed, max_batches=steps)
+        train_fpt, fwd_fpt, trained = _flops_per_token(str(self._model(name)), cfg.num_layers_unfrozen,
+                                                       reward=pairs)
         t = self._train_time(tokens, steps, train_fpt, trained)
-        t += self._eval_time(ev, "chosen_input_ids", cfg, fwd_fpt, math.ceil(steps / per_epoch), pairs=True)
-        return StepEstimate("rm", t + STEP_OVERHEAD_S["rm"], f"{steps} steps")
-
-    def _eval_time(self, ev, column: str, cfg, fwd_fpt: float, times: int, pairs: bool = False) -> float:
-        if ev is None or len(ev) == 0:
-            return 0.0
-        lengths = [len(x) for x in ev[column]]
-        tokens = padded_tokens(lengths, cfg.per_device_eval_batch_size, max_batches=cfg.eval_iters)
-        return (2 if pairs else 1) * times * tokens * fwd_fpt / self.rates.forward_flops_per_s
+        if ev is not None and len(ev):
+            ev_tokens = rows * padded_tokens(lengths_of(ev), cfg.per_device_eval_batch_size,
+                                             max_batches=cfg.eval_iters)
+            t += epochs * ev_tokens * fwd_fpt / self.rates.forward_flops_per_s
+        return StepEstimate(name, t + STEP_OVERHEAD_S[name], f"{steps} steps")
 
     def _model(self, name: str):
         from .models import resolve_model_path

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from . import config as C
-from .errors import ConfigError
+from .errors import ChatRLError, ConfigError
 
 STEP_NAMES = {1: "sft", 2: "rm", 3: "ppo"}
 
@@ -230,9 +230,15 @@ def _estimate(args, plans: dict, to_run: list[str], budget: float | None, prefix
     report = args.report_prompts if args.report and ppo is not None else 0
     if report:
         batches += (min(report, B.REPORT_DECODE_BATCH),)
-    rates = B.probe(resolve_model_path(plans["sft"].model_name_or_path),
-                    ds.resolve_dtype(plans["sft"].dtype), batches or (1,))
-    plan = B.plan_train(plans, rates, steps, report, budget, planned_ppo=_resumed_iters(ppo))
+    try:
+        rates = B.probe(resolve_model_path(plans["sft"].model_name_or_path),
+                        ds.resolve_dtype(plans["sft"].dtype), batches or (1,))
+        plan = B.plan_train(plans, rates, steps, report, budget, planned_ppo=_resumed_iters(ppo))
+    except (ChatRLError, OSError, RuntimeError, ValueError) as e:  # the steps will say it better
+        print(f"[chatrl train] no time estimate ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+              "running without one" + (" and without the time budget" if budget else ""),
+              file=sys.stderr, flush=True)
+        return None
     print(f"[chatrl train] {plan['text']}", file=sys.stderr, flush=True)
     return plan
 

@@ -32,6 +32,11 @@ REPORT_DECODE_BATCH = 32  # the report generates its held-out answers in batches
 # Decode steps per rollout, as a fraction of --max-answer-seq-len: a batch is generated until
 # all of its answers end, which at the sampling temperatures used is close to the limit.
 DECODE_FRACTION = 1.0
+# A PPO iteration in bf16 on a CPU ran 1.4x its estimate from the probe's rates (18.4 s measured
+# against 13.1 s on an AVX512-BF16 Xeon, 2026-11-30: DeepSpeed's bf16 engines convert gradients
+# and keep fp32 master weights, three models share the caches); fp32 ran at 0.75x (28.6 vs 38 s,
+# kept as is: an estimate that errs long keeps a budget safe).
+PPO_ITERATION_FACTOR = {"bf16": 1.4}
 
 
 def parse_duration(text: str | int | float | None) -> float | None:
@@ -302,6 +307,8 @@ class Planner:
         opt_steps = cfg.ppo_epochs * max(1, gb // cfg.per_device_training_batch_size) // cfg.gradient_accumulation_steps
         t_train = (cfg.ppo_epochs * seq_tokens * (a_train + c_train) / r.train_flops_per_s
                    + opt_steps * (a_trained + c_trained) * r.optimizer_s_per_param)
+        factor = PPO_ITERATION_FACTOR.get(r.dtype, 1.0) if not torch.cuda.is_available() else 1.0
+        t_gen, t_score, t_train = (factor * t for t in (t_gen, t_score, t_train))
         total = t_gen + t_score + t_train
         from .steps.ppo import iterations_per_epoch
 

@@ -245,7 +245,7 @@ def _estimate(args, plans: dict, to_run: list[str], budget: float | None, prefix
 
 def _resumed_iters(ppo_cfg) -> int | None:
     """The iteration count an interrupted step 3 was planned with (kept on resume)."""
-    if ppo_cfg is None:
+    if ppo_cfg is None or not ppo_cfg.resume:
         return None
     saved = Path(ppo_cfg.output_dir) / "run_config.yaml"
     if not (Path(ppo_cfg.output_dir) / "checkpoints").is_dir() or not saved.exists():

@@ -233,7 +233,8 @@ def _estimate(args, plans: dict, to_run: list[str], budget: float | None, prefix
     try:
         rates = B.probe(resolve_model_path(plans["sft"].model_name_or_path),
                         ds.resolve_dtype(plans["sft"].dtype), batches or (1,))
-        plan = B.plan_train(plans, rates, steps, report, budget, planned_ppo=_resumed_iters(ppo))
+        plan = B.plan_train(plans, rates, steps, report, budget,
+                            planned_ppo=None if args.restart else _resumed_iters(ppo))
     except (ChatRLError, OSError, RuntimeError, ValueError) as e:  # the steps will say it better
         print(f"[chatrl train] no time estimate ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
               "running without one" + (" and without the time budget" if budget else ""),

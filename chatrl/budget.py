@@ -193,8 +193,6 @@ class StepEstimate:
     name: str
     seconds: float
     detail: str
-    per_iteration: float = 0.0  # step 3: seconds per PPO iteration
-    iterations: int = 0
 
 
 def _flops_per_token(model_path: str, n_unfrozen: int, reward: bool = False) -> tuple[float, float, int]:

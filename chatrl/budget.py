@@ -28,7 +28,7 @@ from .errors import ConfigError
 # Fixed costs in seconds (model load + DeepSpeed set-up + save), measured on the 2-core CPUs
 # (AVX2 fp32 and AVX512-BF16) with the embedded 135M model; a larger model scales them by size.
 STEP_OVERHEAD_S = {"sft": 12.0, "rm": 12.0, "ppo": 25.0, "report": 10.0}
-REPORT_DECODE_BATCH = 32  # the report generates its held-out answers in batches of this size
+REPORT_DECODE_BATCH = 48  # the report generates its held-out answers in batches of this size
 # Decode steps per rollout, as a fraction of --max-answer-seq-len: a batch is generated until
 # all of its answers end, which at the sampling temperatures used is close to the limit.
 DECODE_FRACTION = 1.0
@@ -195,14 +195,16 @@ class StepEstimate:
     detail: str
 
 
-def _flops_per_token(model_path: str, n_unfrozen: int, reward: bool = False) -> tuple[float, float, int]:
-    """(train FLOPs per token, forward FLOPs per token, trained parameters) of a model folder
-    with its bottom frozen, computed on an empty (meta-device) copy: no weights are read."""
+def _flops_per_token(model_path: str, n_unfrozen: int,
+                     reward: bool = False) -> tuple[float, float, int, float]:
+    """(train FLOPs per token, forward FLOPs per token, trained parameters, forward FLOPs per token
+    of the frozen blocks) of a model folder with its bottom frozen, computed on an empty
+    (meta-device) copy: no weights are read."""
     from transformers import AutoModelForCausalLM
 
     from .engine.flops import forward_flops, matmul_params, train_flops_per_token
     from .models import load_config
-    from .models.freeze import freeze_lower_layers
+    from .models.freeze import freeze_lower_layers, transformer_blocks
 
     config = load_config(model_path)
     with torch.device("meta"):
@@ -212,7 +214,11 @@ def _flops_per_token(model_path: str, n_unfrozen: int, reward: bool = False) -> 
         model.get_output_embeddings = lambda: None
     freeze_lower_layers(model, n_unfrozen)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return train_flops_per_token(model), forward_flops(matmul_params(model), 1), trained
+    blocks = list(transformer_blocks(model)) if n_unfrozen >= 0 else []
+    frozen = sum(p.numel() for b in blocks[:max(0, len(blocks) - n_unfrozen)] for p in b.parameters()
+                 if p.dim() >= 2)
+    return (train_flops_per_token(model), forward_flops(matmul_params(model), 1), trained,
+            forward_flops(frozen, 1))
 
 
 class Planner:
@@ -267,7 +273,7 @@ class Planner:
         rows = 2 if pairs else 1
         tokens = rows * padded_tokens(lengths_of(train), spec.global_batch(1), epochs=epochs,
                                       seed=cfg.seed, max_batches=steps)
-        train_fpt, fwd_fpt, trained = _flops_per_token(str(self._model(name)), cfg.num_layers_unfrozen,
+        train_fpt, fwd_fpt, trained, _ = _flops_per_token(str(self._model(name)), cfg.num_layers_unfrozen,
                                                        reward=pairs)
         t = self._train_time(tokens, steps, train_fpt, trained)
         if ev is not None and len(ev):
@@ -294,14 +300,18 @@ class Planner:
         A = cfg.max_answer_seq_len
         actor_path = str(self._model("sft"))
         critic_path = str(self._model("rm"))
-        a_train, a_fwd, a_trained = _flops_per_token(actor_path, cfg.actor_num_layers_unfrozen)
-        c_train, c_fwd, c_trained = _flops_per_token(critic_path, cfg.critic_num_layers_unfrozen, reward=True)
+        a_train, a_fwd, a_trained, a_frozen = _flops_per_token(actor_path, cfg.actor_num_layers_unfrozen)
+        c_train, c_fwd, c_trained, c_frozen = _flops_per_token(critic_path, cfg.critic_num_layers_unfrozen,
+                                                               reward=True)
+        c_score = 2 * c_fwd
+        if cfg.share_frozen_trunk:  # the frozen blocks run once per rollout (chatrl.engine.trunk)
+            a_train, c_train, c_score = a_train - a_frozen, c_train - c_frozen, c_score - c_frozen
         r = self.rates
         seq_tokens = gb * (P + A * DECODE_FRACTION)
         t_gen = (gb * P * a_fwd / r.forward_flops_per_s
                  + cfg.generation_batches * A * DECODE_FRACTION
                  * decode_time(r, cfg.per_device_generation_batch_size))
-        t_score = seq_tokens * (a_fwd + 2 * c_fwd) / r.forward_flops_per_s
+        t_score = seq_tokens * (a_fwd + c_score) / r.forward_flops_per_s
         opt_steps = cfg.ppo_epochs * max(1, gb // cfg.per_device_training_batch_size) // cfg.gradient_accumulation_steps
         t_train = (cfg.ppo_epochs * seq_tokens * (a_train + c_train) / r.train_flops_per_s
                    + opt_steps * (a_trained + c_trained) * r.optimizer_s_per_param)

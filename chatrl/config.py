@@ -272,6 +272,9 @@ class PPOConfig(CommonConfig):
                                              "(see --num-layers-unfrozen; -1: all)")
     critic_num_layers_unfrozen: int = opt(-1, "train only the critic's top N transformer blocks and "
                                               "its value head (-1: all)")
+    share_frozen_trunk: bool = opt(True, "with frozen lower blocks, compute them once per rollout "
+                                         "(in the reference / critic scoring forward) and reuse "
+                                         "their output in every PPO epoch's training forward")
     only_optimize_lora: bool = opt(False, "train only LoRA weights")
     actor_lora_learning_rate: float = opt(5e-4, "actor LoRA learning rate")
     critic_lora_learning_rate: float = opt(5e-4, "critic LoRA learning rate")

@@ -108,7 +108,17 @@ def _report_prompts(plans: dict, n: int) -> tuple[list[list[dict]], bool]:
     return [list(raw.eval[i]["messages"]) for i in range(min(n, len(raw.eval)))], False
 
 
-def write_report(root: Path, plans: dict, timings: dict, n_prompts: int = 32,
+def paired_gain(before: list[float] | None, after: list[float] | None) -> tuple[float, float] | None:
+    """Mean of after - before over the same prompts, and its standard error."""
+    if not before or not after or len(before) != len(after) or len(before) < 2:
+        return None
+    d = [b - a for a, b in zip(before, after)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return mean, (var / len(d)) ** 0.5
+
+
+def write_report(root: Path, plans: dict, timings: dict, n_prompts: int = 96,
                  max_new_tokens: int = 48, temperature: float = 0.7, seed: int = 0) -> Path:
     from .evaluate import compare_models
     from .models import read_meta
@@ -133,6 +143,10 @@ def write_report(root: Path, plans: dict, timings: dict, n_prompts: int = 32,
                   "| model | judge score |", "|---|---|"]
         lines += [f"| {k} | {v.mean_score:+.3f} |" for k, v in res.items()]
         lines.append("")
+        gain = paired_gain(res["SFT"].scores, res["RLHF"].scores)
+        if gain is not None:
+            lines += [f"RLHF - SFT: {gain[0]:+.3f}, standard error {gain[1]:.3f} (the same prompts, "
+                      "paired; a gain under about twice its standard error may be noise)", ""]
     ppl = _last(sft_rows, "perplexity")
     acc = _last(rm_rows, "accuracy")
     train_ppo = [r for r in ppo_rows if r.get("kind") == "train"]

@@ -23,6 +23,7 @@ and including the first EOS.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -80,6 +81,11 @@ class PPOTrainer:
         self.recompute_old_logprobs = (models.dtype != "fp32") if rec is None else bool(rec)
         self.reward_moments = RunningMoments() if cfg.normalize_reward else None
         self._pre_update = False  # no optimizer step since the last rollout (see train_rlhf)
+        # The frozen lower blocks' output, recorded while scoring and replayed by each epoch's
+        # training forwards (chatrl.engine.trunk; only with --*-num-layers-unfrozen).
+        from ..engine.trunk import trunk_shares
+
+        self.trunk = trunk_shares(models) if getattr(cfg, "share_frozen_trunk", True) else {}
 
     # ------------------------------------------------------------------ 1-3. experience
     @torch.no_grad()
@@ -111,16 +117,21 @@ class PPOTrainer:
         logprobs = ro.logprobs
         # 2. scores of every reward source, then the reference and critic forwards
         t1 = time.time()
-        sc = stages.score(ro, self.tokenizer, self.sources, self.weights, skip_bad=cfg.skip_bad_rewards)
+        trunk: dict = {}  # the frozen trunks' output over seq (see __init__), for later passes
+        with self._record(trunk, "critic", m.reward, ro.group_size):
+            sc = stages.score(ro, self.tokenizer, self.sources, self.weights, skip_bad=cfg.skip_bad_rewards)
         t_reward = time.time() - t1
         ref_logprobs = None
         if m.ref is not None:
-            ref_logprobs = stages.forward_logprobs(m.ref, seq, mask, P, cfg.temperature, self.device,
-                                                   group_size=ro.group_size) * act
+            with self._record(trunk, "actor", m.ref, ro.group_size):
+                ref_logprobs = stages.forward_logprobs(m.ref, seq, mask, P, cfg.temperature, self.device,
+                                                       group_size=ro.group_size) * act
         values = None
         if m.critic is not None:
             m.critic.eval()  # old values without dropout
-            values = answer_values(m.critic, seq, mask, P) * act
+            with self._record(trunk, "critic", m.critic, ro.group_size), \
+                    stages.replay(self.trunk.get("critic"), m.critic, trunk):
+                values = answer_values(m.critic, seq, mask, P) * act
             m.critic.train()
         lengths = act.sum(1)
         scores = self._shape_scores(sc.total, ro.ended, lengths)
@@ -161,7 +172,22 @@ class PPOTrainer:
                           advantages, returns, ro.group_size, ro.rows or None,
                           sc.accuracy.to(self.device) if sc.accuracy is not None else None,
                           [{name: round(float(t[i]), 5) for name, t in sc.per_source.items()}
-                           for i in range(len(scores))], ro.entropy)
+                           for i in range(len(scores))], ro.entropy, trunk or None)
+
+    @contextmanager
+    def _record(self, into: dict, role: str, model, group_size: int):
+        """Record `role`'s frozen-trunk output into `into` during this forward of `model`, where
+        `model` is the one the share records from and nothing is recorded yet."""
+        share = self.trunk.get(role) if group_size == 1 else None
+        trained = {"actor": self.models.actor, "critic": self.models.critic}[role]
+        if share is None or role in into or model is not (share.twin if share.twin is not None else trained):
+            yield
+            return
+        with share.capture(model):
+            yield
+        hidden = share.taken()
+        if hidden is not None:
+            into[role] = hidden
 
     def _shape_scores(self, scores: torch.Tensor, ended: torch.Tensor,
                       lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -200,13 +226,14 @@ class PPOTrainer:
         # forward is rollout/training mismatch, not learning (logged as policy/logprob_gap).
         actor_loss, pstats = stages.update_policy(
             m.actor, exp, self.algo, temperature=cfg.temperature, max_len=cfg.max_answer_seq_len,
-            scale=loss_scale, measure_gap=self._pre_update)
+            scale=loss_scale, measure_gap=self._pre_update, trunk=self.trunk.get("actor"))
         if boundary:
             self._pre_update = False
         critic_loss, vstats = torch.zeros(()), {}
         if m.critic is not None:
             critic_loss, vstats = stages.update_critic(
-                m.critic, exp, cfg.cliprange_value, loss_scale if critic_scale is None else critic_scale)
+                m.critic, exp, cfg.cliprange_value, loss_scale if critic_scale is None else critic_scale,
+                trunk=self.trunk.get("critic"))
         self.last_stats.update(pstats)
         self.last_stats.update(vstats)
         for k in [k for k in self.last_stats if k.startswith("policy/logprob_gap") and k not in pstats]:
@@ -406,6 +433,12 @@ def run_ppo(cfg) -> Path:
     flops_critic = matmul_params(models.critic.module) if models.critic is not None else 0
     train_per_token = sum(train_flops_per_token(e.module) for e in (models.actor, models.critic)
                           if e is not None)
+    # FLOPs run, not FLOPs of the full model: a shared trunk's blocks are skipped in each epoch's
+    # training forward (and in the critic's scoring forward where the reward model records it)
+    skipped = {r: 2.0 * s.skipped_params(getattr(models, r).module) for r, s in trainer.trunk.items()}
+    train_per_token -= sum(skipped.values())
+    score_skipped = skipped.get("critic", 0.0) if getattr(trainer.trunk.get("critic"), "twin", None) \
+        is not None else 0.0
 
     # resume
     it, epoch, start_batch = 0, 0, 0
@@ -475,7 +508,7 @@ def run_ppo(cfg) -> Path:
         gen_tokens = sum(s["tokens/generated"] for s in gen_stats)
         # generation + reference forward (actor-sized), critic + reward forwards, the updates
         flops = ((1 + (models.ref is not None)) * forward_flops(flops_actor, tokens)
-                 + 2 * forward_flops(flops_critic, tokens)
+                 + 2 * forward_flops(flops_critic, tokens) - score_skipped * tokens
                  + cfg.ppo_epochs * train_per_token * tokens)
         metrics.update({"time/generate": t_gen, "time/score": t_score, "time/train": t_train,
                         "time/reward": sum(s.get("time/reward", 0.0) for s in gen_stats),

@@ -16,6 +16,7 @@ rollout batches (whitening: ppo.whiten_experiences); group baselines are local b
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -233,6 +234,9 @@ class Experience:
     accuracy: torch.Tensor | None = None
     reward_parts: list | None = None  # per answer {source: raw score} (the rollout log's "rewards")
     entropy: torch.Tensor | None = None  # [B, R] the sampling distribution's entropy per token
+    # {"actor" / "critic": [B, P + R, hidden]} the frozen trunk's output over `sequences`
+    # (chatrl.engine.trunk), recorded while scoring and replayed by the training forwards
+    trunk: dict | None = None
 
     def select(self, idx: torch.Tensor) -> "Experience":
         """Rows `idx`, with columns no row of them uses trimmed (left prompt pad, right answer pad)."""
@@ -254,6 +258,8 @@ class Experience:
                 out[k] = v[:, start:P + end]
             elif isinstance(v, torch.Tensor) and v.dim() == 2:
                 out[k] = v[:, :end]
+            elif k == "trunk" and v:
+                out[k] = {role: t[idx][:, start:P + end] for role, t in v.items()}
             else:
                 out[k] = v
         out["prompt_len"] = P - start
@@ -278,6 +284,10 @@ class Experience:
                                          for v, e in zip(vals, exps)])
             elif vals[0] is None:
                 out[f.name] = None
+            elif f.name == "trunk":  # kept where no row needs padding (states of pads unknown)
+                same = all(e.prompt_len == P and e.action_mask.shape[1] == R and v is not None
+                           and v.keys() == vals[0].keys() for v, e in zip(vals, exps))
+                out[f.name] = {k: torch.cat([v[k] for v in vals]) for k in vals[0]} if same else None
             elif isinstance(vals[0], torch.Tensor) and vals[0].dim() == 2:
                 out[f.name] = torch.cat([pad(v, 0, R - v.shape[1], 0) for v in vals])
             elif isinstance(vals[0], torch.Tensor):
@@ -399,16 +409,26 @@ def compute_advantages(algo: AlgoSettings, *, scores: torch.Tensor, logprobs: to
 
 # ---------------------------------------------------------------------------- 4. update
 
+def replay(share, model, trunk: dict | None):
+    """The TrunkShare's reuse context for recorded states `trunk` (an Experience's; a no-op
+    without a share or states for its role)."""
+    if share is None or not trunk or share.role not in trunk:
+        return nullcontext()
+    return share.reuse(model, trunk[share.role])
+
+
 def update_policy(actor, exp, algo: AlgoSettings, *, temperature: float, max_len: int,
-                  scale: float = 1.0, measure_gap: bool = False) -> tuple[torch.Tensor, dict]:
+                  scale: float = 1.0, measure_gap: bool = False, trunk=None) -> tuple[torch.Tensor, dict]:
     """One actor micro-batch: forward, the clipped objective of `algo` (aggregation, ratio level,
     clip range, KL in the loss), backward (x `scale`, see ppo.token_scales) and the engine step
     (an optimizer step at an accumulation boundary). Returns (loss, stats as floats).
 
     measure_gap: no optimizer step happened since the rollout, so any difference between the old
-    log-probs and this forward is rollout/training mismatch; its size is returned."""
+    log-probs and this forward is rollout/training mismatch; its size is returned.
+    trunk: the actor's TrunkShare, which replays exp.trunk["actor"] (the frozen blocks' output)."""
     P, mask, act = exp.prompt_len, exp.attention_mask, exp.action_mask
-    logits = answer_logits(actor, exp.sequences, mask, P, exp.group_size)
+    with replay(trunk, actor, exp.trunk):
+        logits = answer_logits(actor, exp.sequences, mask, P, exp.group_size)
     logprobs = gather_logprobs(logits, exp.sequences[:, P:], temperature=temperature)
     loss, st = clipped_policy_loss(
         logprobs, exp.logprobs, exp.advantages, act, clip_low=algo.clip_low,
@@ -432,9 +452,12 @@ def update_policy(actor, exp, algo: AlgoSettings, *, temperature: float, max_len
     return loss.detach(), stats
 
 
-def update_critic(critic, exp, cliprange_value: float, scale: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """One critic micro-batch: the clipped value loss against the returns, backward, step."""
-    values = answer_values(critic, exp.sequences, exp.attention_mask, exp.prompt_len)
+def update_critic(critic, exp, cliprange_value: float, scale: float = 1.0,
+                  trunk=None) -> tuple[torch.Tensor, dict]:
+    """One critic micro-batch: the clipped value loss against the returns, backward, step.
+    trunk: the critic's TrunkShare (see update_policy)."""
+    with replay(trunk, critic, exp.trunk):
+        values = answer_values(critic, exp.sequences, exp.attention_mask, exp.prompt_len)
     loss, st = value_loss(values, exp.values, exp.returns, exp.action_mask, cliprange_value)
     critic.backward(loss * scale if scale != 1.0 else loss)
     critic.step()

@@ -1,0 +1,61 @@
+"""Step 3 with frozen lower blocks: sharing the frozen trunk (recorded in the reference and critic
+scoring forwards, replayed by every PPO epoch) must not change what is learned. Two trainers
+built alike, one with --share-frozen-trunk (the default) and one without, run the same two PPO
+iterations of two epochs from the same seed: the same losses, statistics and final weights."""
+
+from __future__ import annotations
+
+import torch
+
+from ppo_helpers import init_in_process, one_thread
+from test_dropout import prompt_batch
+
+
+def run(tmp_path, share: bool):
+    from chatrl.config import PPOConfig
+    from chatrl.models import load_tokenizer, resolve_model_path
+    from chatrl.steps.ppo import PPOTrainer, build_models, update_epochs
+
+    path = resolve_model_path("tiny-llama")
+    cfg = PPOConfig(actor_model_name_or_path=path, critic_model_name_or_path=path,
+                    output_dir=str(tmp_path / str(share)), per_device_generation_batch_size=4,
+                    per_device_training_batch_size=2, ppo_epochs=2, max_answer_seq_len=8,
+                    num_warmup_steps=0, dtype="fp32", allow_untrained_reward_head=True,
+                    actor_learning_rate=1e-3, critic_learning_rate=1e-3,
+                    actor_num_layers_unfrozen=1, critic_num_layers_unfrozen=1,
+                    share_frozen_trunk=share)
+    tok = load_tokenizer(path, padding_side="left")
+    torch.manual_seed(0)
+    models = build_models(cfg, tok, 10, "fp32")
+    trainer = PPOTrainer(models, cfg)
+    batch = prompt_batch(tok, ["Tell me about the ocean.", "Hi", "What do you think of rain?",
+                               "Describe a tall mountain."])
+    stats, trunks = [], []
+    torch.manual_seed(1)
+    for _ in range(2):
+        exp = trainer.generate_experience(batch["input_ids"], batch["attention_mask"])
+        trunks.append(sorted(exp.trunk or {}))
+        rows, _ = update_epochs(trainer, [exp])
+        stats.append(rows)
+    weights = {n: p.detach().clone() for m in (models.actor, models.critic)
+               for n, p in m.module.named_parameters() if p.requires_grad}
+    return trainer, stats, trunks, weights
+
+
+def test_shared_trunk_learns_what_the_full_forward_learns(tmp_path):
+    init_in_process()
+    with one_thread():
+        shared, s_stats, s_trunks, s_weights = run(tmp_path, True)
+        plain, p_stats, p_trunks, p_weights = run(tmp_path, False)
+    assert sorted(shared.trunk) == ["actor", "critic"] and plain.trunk == {}
+    assert s_trunks == [["actor", "critic"]] * 2 and p_trunks == [[], []]
+    assert len(s_stats) == len(p_stats) == 2
+    for a, b in zip(s_stats, p_stats):
+        assert len(a) == len(b) and a
+        for ra, rb in zip(a, b):
+            for key in ("loss/actor", "loss/critic", "policy/ratio", "policy/approx_kl"):
+                if key in ra:
+                    assert abs(ra[key] - rb[key]) <= 1e-4 + 1e-3 * abs(rb[key]), (key, ra[key], rb[key])
+    assert s_weights.keys() == p_weights.keys() and s_weights
+    for name in s_weights:
+        assert torch.allclose(s_weights[name], p_weights[name], atol=1e-5, rtol=1e-4), name

@@ -66,7 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--workloads", default="fp32:4,bf16:4,fp32:16,bf16:16",
                    help="comma-separated dtype:prompts configurations of part (c); the first is the "
                         "reference. A 'grpo/' prefix (grpo/fp32:16) runs the same number of answers "
-                        "as GRPO: prompts / --grpo-generations prompts, that many answers each")
+                        "as GRPO: prompts / --grpo-generations prompts, that many answers each. "
+                        "An '@topN' suffix (fp32:16@top8) trains only the top N blocks of actor and "
+                        "critic, sharing the frozen trunk; '@topN+noshare' without sharing it")
     p.add_argument("--grpo-generations", type=int, default=4, help="answers per prompt of grpo/ workloads")
     p.add_argument("--prototypes", default="",
                    help="comma-separated prototype sets (names joined by '+'; known: no-gc, "
@@ -313,7 +315,8 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
 
 # ----------------------------------------------------------------------------- (c) workload
 
-def ppo_config(path: str, dtype: str, prompts: int, args, algo: str = "ppo"):
+def ppo_config(path: str, dtype: str, prompts: int, args, algo: str = "ppo", top: int = -1,
+               share: bool = True):
     """PPO: `prompts` prompts, one answer each, the model as critic and reward model (a random
     value head is allowed). GRPO: prompts / G prompts with G answers each (the same number of
     answers), no critic, no reference model (KL 0), rewards from a function (letter_share)."""
@@ -323,7 +326,8 @@ def ppo_config(path: str, dtype: str, prompts: int, args, algo: str = "ppo"):
     common = {"actor_model_name_or_path": path, "per_device_training_batch_size": mb,
               "generation_batches": 1, "ppo_epochs": args.ppo_epochs, "max_prompt_seq_len": args.prompt_len,
               "max_answer_seq_len": args.answer_len, "dtype": dtype, "num_warmup_steps": 0,
-              "seed": args.seed, "enable_ema": False, "print_answers": False}
+              "seed": args.seed, "enable_ema": False, "print_answers": False,
+              "actor_num_layers_unfrozen": top, "share_frozen_trunk": share}
     if algo == "grpo":
         g = args.grpo_generations
         if prompts % g:
@@ -332,6 +336,7 @@ def ppo_config(path: str, dtype: str, prompts: int, args, algo: str = "ppo"):
                                            "per_device_generation_batch_size": prompts // g}, validate=False)
     return build_config(PPOConfig, cli={**common, "critic_model_name_or_path": path,
                                         "per_device_generation_batch_size": prompts,
+                                        "critic_num_layers_unfrozen": top,
                                         "allow_untrained_reward_head": True}, validate=False)
 
 
@@ -344,12 +349,13 @@ class LetterShare:
         return [sum(c.isalpha() for c in t) / max(len(t), 1) for t in batch.texts]
 
 
-def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict, algo: str = "ppo") -> dict:
+def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict, algo: str = "ppo",
+                 top: int = -1, share: bool = True) -> dict:
     from chatrl.engine import ds
-    from chatrl.engine.flops import matmul_params
+    from chatrl.engine.flops import matmul_params, train_flops_per_token
     from chatrl.steps.ppo import PPOTrainer, build_models, update_epochs
 
-    cfg = ppo_config(path, dtype, prompts, args, algo)
+    cfg = ppo_config(path, dtype, prompts, args, algo, top, share)
     ds.seed_everything(args.seed)
     n_iters = args.iters + 1
     mb = cfg.per_device_training_batch_size
@@ -405,8 +411,14 @@ def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict, al
     f_gen = 2 * Na * T
     f_score = 2 * (Nref + Nc + Nr) * T  # reference, critic and reward-model forwards (PPO: 2NaT + 4NcT)
     f_train = cfg.ppo_epochs * 6 * (Na + Nc) * T
+    if top >= 0:  # frozen lower blocks: the FLOPs run (as chatrl.steps.ppo.run_ppo counts them)
+        skipped = {r: 2 * s.skipped_params(getattr(models, r).module) for r, s in trainer.trunk.items()}
+        per_token = sum(train_flops_per_token(e.module) for e in (models.actor, models.critic) if e is not None)
+        f_train = cfg.ppo_epochs * (per_token - sum(skipped.values())) * T
+        if getattr(trainer.trunk.get("critic"), "twin", None) is not None:
+            f_score -= skipped["critic"] * T
     peak = peaks[dtype]["flops"]
-    res = {"algo": algo, "dtype": dtype, "prompts": prompts, "group_size": cfg.num_generations if algo == "grpo" else 1, "train_batch": mb, "ppo_epochs": cfg.ppo_epochs,
+    res = {"algo": algo, "dtype": dtype, "layers_unfrozen": top, "trunk_shared": sorted(trainer.trunk), "prompts": prompts, "group_size": cfg.num_generations if algo == "grpo" else 1, "train_batch": mb, "ppo_epochs": cfg.ppo_epochs,
            "prompt_len": args.prompt_len,
            "answer_len": args.answer_len, "iterations": len(iters), "build_s": t_build.s,
            "matmul_params_actor": Na, "matmul_params_critic": Nc,
@@ -431,6 +443,16 @@ def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict, al
 
 
 # ----------------------------------------------------------------------------- main
+
+def workload_label(w: dict) -> str:
+    label = f"{w['dtype']} x {w['prompts']}" + (f" [{w['prototypes']}]" if w.get("prototypes") else "")
+    if w.get("layers_unfrozen", -1) >= 0:
+        label += f", top {w['layers_unfrozen']} blocks" + (
+            " (trunk shared)" if w.get("trunk_shared") else " (trunk not shared)")
+    if w.get("algo") == "grpo":
+        label += f" GRPO ({w['prompts'] // w['group_size']} x {w['group_size']})"
+    return label
+
 
 def _print_report(res: dict) -> None:
     print()
@@ -458,9 +480,7 @@ def _print_report(res: dict) -> None:
         rows = []
         for w in res["workloads"]:
             it = w["iteration_s"]
-            label = (f"{w['dtype']} x {w['prompts']}" + (f" [{w['prototypes']}]" if w.get("prototypes") else "")
-                     + (f" GRPO ({w['prompts'] // w['group_size']} x {w['group_size']})" if w.get("algo") == "grpo" else ""))
-            rows.append({"cfg": label, "sps": f"{w['samples_per_s']:.3f}",
+            rows.append({"cfg": workload_label(w), "sps": f"{w['samples_per_s']:.3f}",
                          "it": f"{it:.2f}",
                          "gen": f"{w['generate_s']:.2f} ({100 * w['generate_s'] / it:.0f}%)",
                          "score": f"{w['score_s']:.2f} ({100 * w['score_s'] / it:.0f}%)",
@@ -516,17 +536,21 @@ def main(argv=None) -> int:
         raise SystemExit(f"--parts: unknown {', '.join(sorted(unknown))}")
     workloads = []
     for w in args.workloads.split(","):
-        w = w.strip()
+        w, _, frozen = w.strip().partition("@")
+        opts = frozen.split("+") if frozen else []
+        if any(o != "noshare" and not (o.startswith("top") and o[3:].isdigit()) for o in opts):
+            raise SystemExit(f"--workloads: {frozen!r}: use @topN or @topN+noshare")
+        top = next((int(o[3:]) for o in opts if o.startswith("top")), -1)
         algo = "grpo" if w.startswith("grpo/") else "ppo"
         d, n, proto = (w.removeprefix("grpo/").split(":") + [""])[:3]
         if d not in B.DTYPES or not n.isdigit():
             raise SystemExit(f"--workloads: {w!r} is not [grpo/]dtype:prompts[:prototypes] (e.g. fp32:4)")
         B.prototypes(proto)   # validates the names
-        workloads.append((d, int(n), proto, algo))
+        workloads.append((d, int(n), proto, algo, top, "noshare" not in opts))
     if args.prototypes:     # the reference configuration again, with library prototypes patched in
         for proto in args.prototypes.split(","):
             B.prototypes(proto)
-            workloads.append((workloads[0][0], workloads[0][1], proto, workloads[0][3]))
+            workloads.append((*workloads[0][:2], proto, *workloads[0][3:]))
     t_start = time.time()
     info = B.machine_info()
     print(f"machine: {info['cpu']} | {info['cpu_count']} cores | torch {info['torch']} | load average "
@@ -554,12 +578,12 @@ def main(argv=None) -> int:
         _print_report({"hybrid_vs_hf": res["hybrid_vs_hf"]})
     if "workload" in parts:
         res["workloads"] = []
-        for d, n, proto, algo in workloads:
+        for d, n, proto, algo, top, share in workloads:
             with B.prototypes(proto):
-                w = run_workload(args, path, tok, d, n, peaks, algo)
+                w = run_workload(args, path, tok, d, n, peaks, algo, top, share)
             w["prototypes"] = proto
             res["workloads"].append(w)
-            label = f"{d} x {n}" + (f" [{proto}]" if proto else "") + (" GRPO" if algo == "grpo" else "")
+            label = workload_label(w)
             print(f"(c) {label}: {w['samples_per_s']:.3f} samples/s (iteration {w['iteration_s']:.2f} s: "
                   f"generate {w['generate_s']:.2f}, score {w['score_s']:.2f}, train {w['train_s']:.2f})",
                   flush=True)

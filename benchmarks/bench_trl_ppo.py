@@ -67,6 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--ppo-epochs", type=int, default=1, help="PPO epochs over each batch (as bench_ppo)")
     p.add_argument("--train-batch", type=int, default=0, help="PPO mini-batch (0: = prompts, as bench_ppo)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--layers-unfrozen", type=int, default=-1,
+                   help="train only the top N blocks of policy/actor and value model/critic on both "
+                        "sides (TRL: the lower ones set requires_grad=False; chatrl: "
+                        "--actor/critic-num-layers-unfrozen N, which also shares the frozen trunk)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat each workload's pair of measurements; even rounds run chatrl first")
     p.add_argument("--seed", type=int, default=0)
@@ -182,6 +186,11 @@ def run_trl(args, trl_mods, path: str, tok, prompts: int, chatrl_cfg, peak: floa
         reward = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
         for m in (value, reward):
             m.config.pad_token_id = tok.pad_token_id
+        if args.layers_unfrozen >= 0:  # the same frozen layout as chatrl's (value head trains)
+            from chatrl.models.freeze import freeze_lower_layers
+
+            freeze_lower_layers(policy, args.layers_unfrozen)
+            freeze_lower_layers(value, args.layers_unfrozen)
         ids, _ = P.make_prompts(tok, prompts, args.prompt_len, args.seed)
         data = Dataset.from_dict({"input_ids": ids.tolist()})
         out_dir = tempfile.mkdtemp(prefix="bench-trl-ppo-")
@@ -274,6 +283,10 @@ def run_trl(args, trl_mods, path: str, tok, prompts: int, chatrl_cfg, peak: floa
         rows.append(row)
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     f_gen, f_score, f_train = 2 * Na * T, (2 * Na + 4 * Nc) * T, args.ppo_epochs * 6 * (Na + Nc) * T
+    if args.layers_unfrozen >= 0:  # what its autograd runs (chatrl.engine.flops)
+        from chatrl.engine.flops import train_flops_per_token
+
+        f_train = args.ppo_epochs * (train_flops_per_token(policy) + train_flops_per_token(value)) * T
     res = {"side": "trl", "prompts": prompts, "train_batch": mb, "ppo_epochs": args.ppo_epochs,
            "prompt_len": args.prompt_len, "answer_len": args.answer_len, "iterations": len(rows),
            "build_s": t_build.s, "setup": setup, "optimizer_steps_per_iteration": n_steps[0] // n_iters,
@@ -299,7 +312,7 @@ def run_trl(args, trl_mods, path: str, tok, prompts: int, chatrl_cfg, peak: floa
 
 def run_chatrl(args, path: str, tok, prompts: int, peaks: dict) -> dict:
     pargs = _bench_ppo_args(args)
-    w = P.run_workload(pargs, path, tok, "fp32", prompts, peaks, "ppo")
+    w = P.run_workload(pargs, path, tok, "fp32", prompts, peaks, "ppo", args.layers_unfrozen)
     w["side"] = "chatrl"
     w["backward_s"] = w["breakdown_s"]["actor_backward_s"] + w["breakdown_s"]["critic_backward_s"]
     w["step_s"] = w["breakdown_s"]["actor_step_s"] + w["breakdown_s"]["critic_step_s"]
@@ -363,7 +376,9 @@ def _report(res: dict) -> None:
                              "other": f"{r['other_s']:.2f}",
                              "fl": f"{B.fmt_flops(r['flops_per_s'])} ({r['pct_of_peak']:.1f}%)"})
     a = res["args"]
-    print(f"\nPPO iteration, {a['prompt_len']}-token prompts, {a['answer_len']}-token answers (forced), "
+    top = a.get("layers_unfrozen", -1)
+    frozen = f", top {top} blocks trained (the rest frozen on both sides)" if top >= 0 else ""
+    print(f"\nPPO iteration{frozen}, {a['prompt_len']}-token prompts, {a['answer_len']}-token answers (forced), "
           f"{a['ppo_epochs']} PPO epoch(s), mini-batch = {a['train_batch'] or 'prompts'}, fp32, 1 process, "
           f"{res['threads']} threads, {a['iters']} timed iteration(s) after 1 warm-up, {a['rounds']} round(s) "
           "(times: mean over rounds):")

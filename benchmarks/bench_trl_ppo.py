@@ -389,7 +389,9 @@ def _report(res: dict) -> None:
                          ("score", "score"), ("train", "train"), ("bwd", "(backward)"), ("step", "(opt. step)"),
                          ("gc", "(gc)"), ("other", "other"), ("fl", "FLOP/s (% fp32 peak)")]))
     print("\npasses per iteration (both: the same model-sized matmul work, "
-          "2NaT + (2Na + 4Nc)T + epochs x 6(Na + Nc)T):")
+          "2NaT + (2Na + 4Nc)T + epochs x 6(Na + Nc)T" + (
+              "; with frozen lower blocks TRL runs them in every pass, chatrl once per rollout "
+              "(its shared trunk), and each side's FLOP/s counts what it runs" if top >= 0 else "") + "):")
     for k, v in PASSES.items():
         print(f"  {k:7s} {v}")
 

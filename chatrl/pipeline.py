@@ -270,13 +270,17 @@ def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float):
         scale = min(max(scale, 0.5), 2.0)
     report = estimate["report"] * scale
     room = budget - elapsed - report
-    resumed = _resumed_iters(cfg)
-    n = resumed or max(1, min(estimate["configured"], int((room - STEP_OVERHEAD_S["ppo"])
-                                                         // (estimate["per_iteration"] * scale))))
-    print(f"[chatrl train] step ppo: {n} iterations in the {fmt_duration(max(room, 0))} left of the "
-          f"budget (estimates x{scale:.2f} after the steps so far)", file=sys.stderr, flush=True)
+    fit = max(1, min(estimate["configured"], int((room - STEP_OVERHEAD_S["ppo"])
+                                                 // (estimate["per_iteration"] * scale))))
+    # The count that fits is an estimate; the time limit is what holds the budget. Step 3 runs
+    # its configured count (or an interrupted run's) and stops after the last iteration that
+    # fits, measured as it goes: on a machine faster than its probe the budget is still used.
+    n = _resumed_iters(cfg) or estimate["configured"]
+    print(f"[chatrl train] step ppo: ~{fit} iterations fit in the {fmt_duration(max(room, 0))} left of "
+          f"the budget (estimates x{scale:.2f} after the steps so far); it stops at the time limit, "
+          f"after at most {n}", file=sys.stderr, flush=True)
     # the limit leaves ~10 s for saving the models after the last iteration
-    return dataclasses.replace(cfg, max_steps=n, time_limit=max(room - 10.0, 1.0))
+    return dataclasses.replace(cfg, max_steps=n, time_limit=max(room - 10.0, 0.01))  # 0: no limit
 
 
 def train_main(argv: list[str] | None = None, prog: str = "chatrl train") -> int:

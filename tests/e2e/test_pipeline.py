@@ -65,7 +65,8 @@ def test_smoke_pipeline_layout_report_and_plots(tmp_path):
     answers = json.loads((out / "report.json").read_text())
     assert set(answers) == {"base", "SFT", "RLHF"}
     assert answers["RLHF"]["model"] == str(actor)
-    assert all(len(v["answers"]) == 32 for v in answers.values())
+    assert all(len(v["answers"]) == 96 for v in answers.values())  # --report-prompts default
+    assert re.search(r"^RLHF - SFT: [+-]\d\.\d{3}, standard error \d\.\d{3} ", report, re.M), report
 
 
 def test_killed_during_step2_rerun_skips_step1_and_resumes(tmp_path):

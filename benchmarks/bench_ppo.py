@@ -17,6 +17,10 @@ Parts (all in one run by default, --parts to choose):
              without) vs plain Transformers `model.generate` on the same module and prompts,
              greedy, forced length, the tokens must be identical.
              ratio = time(model.generate) / time(hybrid)                           target >= 0.8
+             Also sampled at T 0.7 (as rollouts are), both recording log-probs:
+             model.generate(do_sample=True), whose sampling step is torch.multinomial, against
+             the rollout path, whose sampling step is chatrl's inverse-CDF sampler (the same
+             distribution; the tokens differ).
 (c) workload the reference step-3 workload, 1 rank, through chatrl's own PPOTrainer + RLHFModels
              (build_models): the model as actor and reference, RewardModel of the same folder as
              critic and reward (a random head is fine), B prompts of exactly --prompt-len tokens,
@@ -291,13 +295,32 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
         module.train()
         return out
 
+    # Sampled as PPO samples (T 0.7, no top-k/top-p): Transformers' own sampling step
+    # (torch.multinomial) against the rollout path (chatrl's inverse-CDF sampler, log-probs kept).
+    sampled = dataclasses.replace(params, temperature=0.7)
+
+    def plain_sampled():   # with the same log-prob recorder: only the sampling step differs
+        from chatrl.engine.hybrid import LogprobRecorder
+
+        module.eval()
+        with torch.no_grad():
+            out = module.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7,
+                                  top_k=0, top_p=1.0, max_new_tokens=args.gen_tokens,
+                                  min_new_tokens=args.gen_tokens, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id, logits_processor=[LogprobRecorder(0.7)])
+        module.train()
+        return out
+
     fns = {"hf": plain,
            "hybrid": lambda: hybrid.generate(ids, mask, params).sequences,
-           "hybrid_logprobs": lambda: hybrid.generate(ids, mask, params, return_logprobs=True).sequences}
+           "hybrid_logprobs": lambda: hybrid.generate(ids, mask, params, return_logprobs=True).sequences,
+           "hf_sampled": plain_sampled,
+           "hybrid_sampled": lambda: hybrid.generate(ids, mask, sampled, return_logprobs=True).sequences}
     for fn in fns.values():   # warm-up
         fn()
     best = _best_alternating(fns, args.repeats)
-    same = all(torch.equal(best["hf"][2], v[2]) for v in best.values())
+    greedy = ("hf", "hybrid", "hybrid_logprobs")
+    same = all(torch.equal(best["hf"][2], best[k][2]) for k in greedy)
     if not same:
         raise AssertionError("hybrid engine and model.generate produced different tokens")
     new = args.gen_batch * args.gen_tokens
@@ -307,7 +330,10 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
            "all_s": {k: v[1] for k, v in best.items()},
            "ratio": best["hf"][0] / best["hybrid"][0],
            "ratio_logprobs": best["hf"][0] / best["hybrid_logprobs"][0],
-           "hf_new_tokens_per_s": new / best["hf"][0], "tokens_identical": same, "target_ratio": 0.8}
+           "hf_new_tokens_per_s": new / best["hf"][0], "tokens_identical": same, "target_ratio": 0.8,
+           "hf_sampled_s": best["hf_sampled"][0], "hybrid_sampled_s": best["hybrid_sampled"][0],
+           "ratio_sampled": best["hf_sampled"][0] / best["hybrid_sampled"][0],
+           "hybrid_sampled_new_tokens_per_s": new / best["hybrid_sampled"][0]}
     del engine, model, hybrid
     gc.collect()
     return res
@@ -472,6 +498,10 @@ def _print_report(res: dict) -> None:
               f"model.generate {b['hf_s']:.2f} s | hybrid {b['hybrid_s']:.2f} s (ratio {b['ratio']:.2f}x) | "
               f"hybrid + log-probs {b['hybrid_logprobs_s']:.2f} s (ratio {b['ratio_logprobs']:.2f}x) "
               f"(target >= 0.8x) | tokens identical: {b['tokens_identical']}")
+        print(f"    sampled at T 0.7, log-probs recorded: model.generate (torch.multinomial) "
+              f"{b['hf_sampled_s']:.2f} s | "
+              f"hybrid + log-probs (inverse-CDF sampler) {b['hybrid_sampled_s']:.2f} s "
+              f"({b['hybrid_sampled_new_tokens_per_s']:.1f} tok/s, ratio {b['ratio_sampled']:.2f}x)")
     if res.get("workloads"):
         w0 = res["workloads"][0]
         print(f"(c) PPO iteration, {w0['prompt_len']}-token prompts, {w0['answer_len']}-token answers, "

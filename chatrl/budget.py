@@ -79,6 +79,7 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
     """Time the base model on this machine (see the module docstring)."""
     from .engine import ds
     from .engine.flops import forward_flops, matmul_params
+    from .engine.hybrid import GenerationParams, hf_generate
     from .engine.rlhf import ds_dtype
     from .models import load_causal_lm
     from .models.freeze import freeze_lower_layers
@@ -135,10 +136,9 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
         for b in sorted(set(decode_batches)):
             prompt = ids(b, 32)
 
-            def gen(k):  # sampled, as rollouts are; k new tokens whatever the model says
-                model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                               max_new_tokens=k, min_new_tokens=k, do_sample=True, top_k=0,
-                               pad_token_id=0)
+            def gen(k):  # the rollout path (sampled, log-probs recorded); k new tokens, no EOS
+                hf_generate(model, prompt, torch.ones_like(prompt),
+                            GenerationParams(max_new_tokens=k, pad_token_id=0), return_logprobs=True)
 
             short = timed(lambda: gen(2), lambda: gen(1))
             long = timed(lambda: gen(10), lambda: None)

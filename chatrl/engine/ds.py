@@ -7,8 +7,11 @@ are filled in) and under `deepspeed --num_gpus N` / `--hostfile` for many.
 from __future__ import annotations
 
 import atexit
+import glob
 import os
 import socket
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +48,72 @@ def init_distributed() -> None:
         if local > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # the other ranks wait on the lock rank 0 clears
+        clear_stale_build_locks()  # DeepSpeed JIT-loads an op next (on CPU: shared-memory all-reduce)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     elif world_size() > 1:
         atexit.register(_remove_shm_buffer)
+
+
+# A lock this old, with no process building in its folder, was left by a killed build.
+STALE_LOCK_S = 120.0
+
+
+def _extensions_root() -> str:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+
+
+def _building_in(folder: str) -> bool | None:
+    """Whether a process works in `folder` (torch runs ninja there while it builds); None where
+    /proc cannot tell."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    target = os.path.realpath(folder)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.path.realpath(os.readlink(f"/proc/{pid}/cwd")) == target:
+                return True
+        except OSError:  # gone, or another user's
+            continue
+    return False
+
+
+def clear_stale_build_locks(root: str | None = None, now: float | None = None) -> list[str]:
+    """Remove the build locks of torch C++ extensions (DeepSpeed's JIT ops) that a killed build
+    left behind, and say so on stderr. Returns the removed paths.
+
+    torch takes `<extension folder>/lock` for every load of a JIT op, built or not, and a process
+    that finds it waits for it to go away, silently and for ever: after one interrupted first
+    run, every later chatrl command would hang at start with no CPU use. A lock counts as stale
+    when it is older than STALE_LOCK_S and no process works in its folder (ninja runs there
+    while a build is under way; without /proc, when it is over an hour old)."""
+    root = root or _extensions_root()
+    now = time.time() if now is None else now
+    removed = []
+    for lock in glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")):
+        try:
+            age = now - os.path.getmtime(lock)
+        except OSError:
+            continue
+        folder = os.path.dirname(lock)
+        busy = _building_in(folder)
+        if age < STALE_LOCK_S or busy or (busy is None and age < 3600):
+            continue
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise ConfigError(f"a stale build lock blocks DeepSpeed's op build: {lock} ({e.strerror}); "
+                              "delete it, then run again") from None
+        removed.append(lock)
+        print(f"chatrl: removed a stale build lock left by an interrupted run ({age / 60:.0f} min "
+              f"old, no build running): {lock}", file=sys.stderr, flush=True)
+    return removed
 
 
 def _remove_shm_buffer() -> None:

@@ -111,10 +111,8 @@ class PPOTrainer:
         cfg, m, algo = self.cfg, self.models, self.algo
         # 1. rollout (generation mode: gathered / merged weights, KV cache, no dropout)
         ro = stages.rollout(m.hybrid, input_ids, attention_mask, self.gen_params,
-                            n_samples=algo.num_generations, rows=rows, device=self.device,
-                            recompute_with=m.actor if self.recompute_old_logprobs else None)
+                            n_samples=algo.num_generations, rows=rows, device=self.device)
         seq, mask, act, P = ro.sequences, ro.attention_mask, ro.action_mask, ro.prompt_len
-        logprobs = ro.logprobs
         # 2. scores of every reward source, then the reference and critic forwards
         t1 = time.time()
         trunk: dict = {}  # the frozen trunks' output over seq (see __init__), for later passes
@@ -126,6 +124,10 @@ class PPOTrainer:
             with self._record(trunk, "actor", m.ref, ro.group_size):
                 ref_logprobs = stages.forward_logprobs(m.ref, seq, mask, P, cfg.temperature, self.device,
                                                        group_size=ro.group_size) * act
+        if self.recompute_old_logprobs:  # after the reference forward: its frozen trunk replays here
+            with stages.replay(self.trunk.get("actor"), m.actor, trunk):
+                stages.recompute_logprobs(ro, m.actor, cfg.temperature)
+        logprobs = ro.logprobs
         values = None
         if m.critic is not None:
             m.critic.eval()  # old values without dropout

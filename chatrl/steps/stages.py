@@ -28,7 +28,7 @@ from ..rl import (AlgoSettings, clipped_policy_loss, discounted_returns, entropy
                   gae_advantages, gather_logprobs, group_advantages, kl_shaped_rewards, masked_mean,
                   response_mask, rloo_advantages, sequence_to_tokens, value_loss)
 
-__all__ = ["Experience", "Rollout", "rollout", "forward_logprobs", "answer_logits", "shared_prompt_logits",
+__all__ = ["Experience", "Rollout", "rollout", "recompute_logprobs", "forward_logprobs", "answer_logits", "shared_prompt_logits",
            "answer_values", "ended_with_eos", "logprob_gap_stats", "scoring_batch", "score",
            "compute_advantages", "update_policy", "update_critic"]
 
@@ -173,8 +173,8 @@ def rollout(hybrid, input_ids: torch.Tensor, attention_mask: torch.Tensor, param
     cache, no dropout).
 
     Old log-probs come from the generation logits, or — with `recompute_with` (the training
-    module) — from a forward over the rollout in eval mode, which agrees with the training
-    forward in bf16/fp16 where the KV-cached generation does not (the gap is logged).
+    module) — from a forward over the rollout in eval mode (`recompute_logprobs`), which agrees
+    with the training forward in bf16/fp16 where the KV-cached generation does not.
     """
     dev = device if device is not None else input_ids.device
     input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
@@ -193,19 +193,27 @@ def rollout(hybrid, input_ids: torch.Tensor, attention_mask: torch.Tensor, param
     answer = torch.where(action_mask.bool(), answer, torch.full_like(answer, params.pad_token_id))
     seq = torch.cat([input_ids, answer], dim=1)
     mask = torch.cat([attention_mask, action_mask.long()], dim=1)
-    gen_logprobs = gen.logprobs[:, :R].float() * action_mask
-    stats = {"time/generate": t_gen}
-    if recompute_with is not None:
-        logprobs = forward_logprobs(recompute_with, seq, mask, P, params.temperature, dev,
-                                    eval_mode=True, group_size=n_samples) * action_mask
-        gap = (logprobs - gen_logprobs).abs() * action_mask
-        stats.update({"rollout/logprob_gap": (gap.sum() / action_mask.sum().clamp(min=1)).item(),
-                      "rollout/logprob_gap_max": gap.max().item()})
-    else:
-        logprobs = gen_logprobs
+    logprobs = gen.logprobs[:, :R].float() * action_mask
     ended = ended_with_eos(answer, action_mask, params.eos_token_id)
     entropy = gen.entropy[:, :R].float() * action_mask if gen.entropy is not None else None
-    return Rollout(seq, mask, action_mask, P, logprobs, ended, n_samples, list(rows or []), stats, entropy)
+    ro = Rollout(seq, mask, action_mask, P, logprobs, ended, n_samples, list(rows or []),
+                 {"time/generate": t_gen}, entropy)
+    if recompute_with is not None:
+        recompute_logprobs(ro, recompute_with, params.temperature)
+    return ro
+
+
+@torch.no_grad()
+def recompute_logprobs(ro: Rollout, model, temperature: float) -> None:
+    """Replace the rollout's old log-probs (from the generation logits) by those of a forward of
+    the training module `model` in eval mode, and log their gap (`rollout/logprob_gap[_max]`)."""
+    act = ro.action_mask
+    logprobs = forward_logprobs(model, ro.sequences, ro.attention_mask, ro.prompt_len, temperature,
+                                act.device, eval_mode=True, group_size=ro.group_size) * act
+    gap = (logprobs - ro.logprobs).abs() * act
+    ro.stats.update({"rollout/logprob_gap": (gap.sum() / act.sum().clamp(min=1)).item(),
+                     "rollout/logprob_gap_max": gap.max().item()})
+    ro.logprobs = logprobs
 
 
 # ---------------------------------------------------------------------------- the experience

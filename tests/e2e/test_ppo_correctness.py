@@ -132,9 +132,12 @@ def test_bf16_recomputed_old_logprobs_agree_with_training_forward(ppo_models, tm
         assert all(math.isfinite(r["policy/logprob_gap_max"]) for r in rows)
         if name == "default":  # bf16 recomputes by default, and logs the generation's own gap
             assert all("rollout/logprob_gap" in r for r in rows)
-    # measured here (tiny Llama, bf16, T 0.7): 3e-4 from the generation logits, 0.0 recomputed
+    # Measured (tiny Llama, bf16, T 0.7): 3e-4 from the generation logits; recomputed, 0.0 with
+    # torch held to AVX2 kernels and 3.8e-5 with native AVX512-BF16 ones, where the recompute
+    # (the 4-row rollout batch) and the training forwards (2-row mini-batches) can round
+    # differently in bf16: 8.7x apart on that sample of answers, 0 in its first iteration.
     assert gaps["off"] > 0, gaps
-    assert gaps["default"] * 10 <= gaps["off"], gaps
+    assert gaps["default"] * 4 <= gaps["off"], gaps
 
 
 def test_resume_after_kill_with_ema_equals_uninterrupted(ppo_models, tmp_path):

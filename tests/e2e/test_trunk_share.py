@@ -5,13 +5,14 @@ iterations of two epochs from the same seed: the same losses, statistics and fin
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ppo_helpers import init_in_process, one_thread
 from test_dropout import prompt_batch
 
 
-def run(tmp_path, share: bool):
+def run(tmp_path, share: bool, recompute: bool = False):
     from chatrl.config import PPOConfig
     from chatrl.models import load_tokenizer, resolve_model_path
     from chatrl.steps.ppo import PPOTrainer, build_models, update_epochs
@@ -23,37 +24,55 @@ def run(tmp_path, share: bool):
                     num_warmup_steps=0, dtype="fp32", allow_untrained_reward_head=True,
                     actor_learning_rate=1e-3, critic_learning_rate=1e-3,
                     actor_num_layers_unfrozen=1, critic_num_layers_unfrozen=1,
-                    share_frozen_trunk=share)
+                    share_frozen_trunk=share, recompute_old_logprobs=recompute)
     tok = load_tokenizer(path, padding_side="left")
     torch.manual_seed(0)
     models = build_models(cfg, tok, 10, "fp32")
     trainer = PPOTrainer(models, cfg)
     batch = prompt_batch(tok, ["Tell me about the ocean.", "Hi", "What do you think of rain?",
                                "Describe a tall mountain."])
+    from chatrl.models.freeze import transformer_blocks
+    from chatrl.models.load import unwrap
+
+    # calls of the actor's lowest (frozen) block's MLP while making each experience (the
+    # training forwards after it skip the block with the shared trunk: not counted here)
+    count, calls = [0], []
+    first = next(iter(transformer_blocks(unwrap(models.actor.module))))
+    first.mlp.register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1))
     stats, trunks = [], []
     torch.manual_seed(1)
     for _ in range(2):
+        before = count[0]
         exp = trainer.generate_experience(batch["input_ids"], batch["attention_mask"])
+        calls.append(count[0] - before)
         trunks.append(sorted(exp.trunk or {}))
         rows, _ = update_epochs(trainer, [exp])
-        stats.append(rows)
+        stats.append([{**r, **{k: v for k, v in trainer.last_stats.items() if k.startswith("rollout/")}}
+                      for r in rows])
     weights = {n: p.detach().clone() for m in (models.actor, models.critic)
                for n, p in m.module.named_parameters() if p.requires_grad}
-    return trainer, stats, trunks, weights
+    return trainer, stats, trunks, weights, calls
 
 
-def test_shared_trunk_learns_what_the_full_forward_learns(tmp_path):
+@pytest.mark.parametrize("recompute", [False, True], ids=["generation-logprobs", "recomputed-logprobs"])
+def test_shared_trunk_learns_what_the_full_forward_learns(tmp_path, recompute):
+    """With --recompute-old-logprobs (the bf16/fp16 default) the actor's old log-prob forward
+    replays the trunk the reference forward recorded: the same old log-probs and gap."""
     init_in_process()
     with one_thread():
-        shared, s_stats, s_trunks, s_weights = run(tmp_path, True)
-        plain, p_stats, p_trunks, p_weights = run(tmp_path, False)
+        shared, s_stats, s_trunks, s_weights, s_calls = run(tmp_path / "s", True, recompute)
+        plain, p_stats, p_trunks, p_weights, p_calls = run(tmp_path / "p", False, recompute)
+    # the recompute forward runs the actor's frozen blocks only without the shared trunk
+    assert [p - s for p, s in zip(p_calls, s_calls)] == [int(recompute)] * 2, (p_calls, s_calls)
     assert sorted(shared.trunk) == ["actor", "critic"] and plain.trunk == {}
     assert s_trunks == [["actor", "critic"]] * 2 and p_trunks == [[], []]
     assert len(s_stats) == len(p_stats) == 2
     for a, b in zip(s_stats, p_stats):
         assert len(a) == len(b) and a
         for ra, rb in zip(a, b):
-            for key in ("loss/actor", "loss/critic", "policy/ratio", "policy/approx_kl"):
+            keys = ("loss/actor", "loss/critic", "policy/ratio", "policy/approx_kl", "rollout/logprob_gap")
+            assert ("rollout/logprob_gap" in ra) == recompute
+            for key in keys:
                 if key in ra:
                     assert abs(ra[key] - rb[key]) <= 1e-4 + 1e-3 * abs(rb[key]), (key, ra[key], rb[key])
     assert s_weights.keys() == p_weights.keys() and s_weights

@@ -15,6 +15,10 @@ is bit-for-bit the twin's (checked once), nothing in it is random (no dropout), 
 whole on the rank (not ZeRO-3), no LoRA, no gradient checkpointing, and each later pass sees the
 same rows and positions (an Experience carries the recorded states and `select` slices them with
 the rows it keeps). Where a pass's shape does not match, the blocks run as usual.
+
+Where the states come from a twin (the reference or reward model), the twin's frozen parameters
+then point at the trained model's tensors: equal and never updated, they are kept once in memory
+(about 0.4 GB per pair for SmolLM2-135M in fp32 with 22 of 30 blocks frozen).
 """
 
 from __future__ import annotations
@@ -174,6 +178,25 @@ class TrunkShare:
                 del b.forward  # the instance attribute: the class's forward again
 
 
+def share_frozen_weights(trained, twin, cut: int) -> int:
+    """Point the twin's frozen-trunk parameters at the trained model's tensors, which hold the
+    same values (checked by why_not_shared) and are never updated: one copy in memory instead of
+    two. Returns the bytes the twin gave up (0 where the devices or dtypes differ, e.g. an
+    offloaded reference model)."""
+    mine = _frozen_region(unwrap(trained), cut)
+    theirs = dict(unwrap(twin).named_parameters())
+    if any(theirs[n].device != p.device or theirs[n].dtype != p.dtype for n, p in mine):
+        return 0
+    freed = 0
+    with torch.no_grad():
+        for name, p in mine:
+            q = theirs[name]
+            if q.data_ptr() != p.data_ptr():
+                freed += q.numel() * q.element_size()
+                q.data = p.data
+    return freed
+
+
 def trunk_shares(models) -> dict[str, TrunkShare]:
     """The shares that apply to an RLHFModels bundle: "actor", recorded in the reference forward,
     and "critic", recorded in the reward model's forward where its frozen part is the critic's
@@ -195,8 +218,10 @@ def trunk_shares(models) -> dict[str, TrunkShare]:
                 shares[role] = TrunkShare(cut, role, twin)
                 source = {"actor": "the reference model's", "critic": "the reward model's"}[role] \
                     if twin is not None else "its own scoring"
+                freed = share_frozen_weights(trained.module, twin, cut) if twin is not None else 0
+                kept = f"; one copy of their weights in memory ({freed / 1e6:.0f} MB freed)" if freed else ""
                 write_line(f"{role}: the {cut} frozen lower blocks run once per rollout (in "
-                           f"{source} forward) and every later pass reuses their output")
+                           f"{source} forward) and every later pass reuses their output{kept}")
                 break
             reasons.append(reason)
         if role not in shares:

@@ -12,6 +12,14 @@ from ppo_helpers import init_in_process, one_thread
 from test_dropout import prompt_batch
 
 
+def same_storage(a, b) -> set[str]:
+    """Names of the parameters of models a and b that share one tensor."""
+    from chatrl.models.load import unwrap
+
+    pa, pb = (dict(unwrap(getattr(m, "module", m)).named_parameters()) for m in (a, b))
+    return {n for n in pa if n in pb and pa[n].data_ptr() == pb[n].data_ptr()}
+
+
 def run(tmp_path, share: bool, recompute: bool = False):
     from chatrl.config import PPOConfig
     from chatrl.models import load_tokenizer, resolve_model_path
@@ -65,6 +73,16 @@ def test_shared_trunk_learns_what_the_full_forward_learns(tmp_path, recompute):
     # the recompute forward runs the actor's frozen blocks only without the shared trunk
     assert [p - s for p, s in zip(p_calls, s_calls)] == [int(recompute)] * 2, (p_calls, s_calls)
     assert sorted(shared.trunk) == ["actor", "critic"] and plain.trunk == {}
+    # the twins' frozen weights are the trained models' tensors (kept once), and only those
+    for trainer, share in ((shared, True), (plain, False)):
+        m = trainer.models
+        for trained, twin in ((m.actor, m.ref), (m.critic, m.reward)):
+            same = same_storage(trained, twin)
+            if share:
+                assert same and all(".layers.0." in n or "embed" in n for n in same), same
+                assert any(".layers.0." in n for n in same) and any("embed" in n for n in same), same
+            else:
+                assert not same, same
     assert s_trunks == [["actor", "critic"]] * 2 and p_trunks == [[], []]
     assert len(s_stats) == len(p_stats) == 2
     for a, b in zip(s_stats, p_stats):

@@ -99,9 +99,10 @@ def clear_stale_build_locks(root: str | None = None, now: float | None = None) -
             age = now - os.path.getmtime(lock)
         except OSError:
             continue
-        folder = os.path.dirname(lock)
-        busy = _building_in(folder)
-        if age < STALE_LOCK_S or busy or (busy is None and age < 3600):
+        if age < STALE_LOCK_S:
+            continue
+        busy = _building_in(os.path.dirname(lock))  # a /proc scan: only for old locks
+        if busy or (busy is None and age < 3600):
             continue
         try:
             os.unlink(lock)

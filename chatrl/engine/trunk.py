@@ -208,9 +208,9 @@ def trunk_shares(models) -> dict[str, TrunkShare]:
     candidates = {"actor": [models.ref] if models.ref is not None else [],
                   "critic": ([models.reward] if models.reward is not None else []) + [None]}
     for role, trained in (("actor", models.actor), ("critic", models.critic)):
-        if trained is None or frozen_cut(unwrap(trained.module)) == 0:
+        cut = frozen_cut(unwrap(trained.module)) if trained is not None else 0
+        if cut == 0:
             continue
-        cut = frozen_cut(unwrap(trained.module))
         reasons = []
         for twin in candidates[role]:
             reason = why_not_shared(trained.module, twin)

@@ -167,14 +167,13 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(hybrid, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: GenerationParams,
-            *, n_samples: int = 1, rows: list | None = None, recompute_with=None,
-            device=None) -> Rollout:
+            *, n_samples: int = 1, rows: list | None = None, device=None) -> Rollout:
     """Sample `n_samples` answers per prompt in generation mode (gathered / merged weights, KV
     cache, no dropout).
 
-    Old log-probs come from the generation logits, or — with `recompute_with` (the training
-    module) — from a forward over the rollout in eval mode (`recompute_logprobs`), which agrees
-    with the training forward in bf16/fp16 where the KV-cached generation does not.
+    Old log-probs come from the generation logits; `recompute_logprobs` replaces them by a
+    forward of the training module, which agrees with the training forward in bf16/fp16 where
+    the KV-cached generation does not.
     """
     dev = device if device is not None else input_ids.device
     input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
@@ -196,11 +195,8 @@ def rollout(hybrid, input_ids: torch.Tensor, attention_mask: torch.Tensor, param
     logprobs = gen.logprobs[:, :R].float() * action_mask
     ended = ended_with_eos(answer, action_mask, params.eos_token_id)
     entropy = gen.entropy[:, :R].float() * action_mask if gen.entropy is not None else None
-    ro = Rollout(seq, mask, action_mask, P, logprobs, ended, n_samples, list(rows or []),
-                 {"time/generate": t_gen}, entropy)
-    if recompute_with is not None:
-        recompute_logprobs(ro, recompute_with, params.temperature)
-    return ro
+    return Rollout(seq, mask, action_mask, P, logprobs, ended, n_samples, list(rows or []),
+                   {"time/generate": t_gen}, entropy)
 
 
 @torch.no_grad()

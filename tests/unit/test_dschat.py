@@ -75,6 +75,23 @@ def ours(**kw) -> dict:
     return ds_config(EngineSpec(**kw), world=1)
 
 
+def test_offload_on_a_host_without_cuda_steps_with_torch_adamw():
+    """--offload (in most DeepSpeed-Chat scripts) keeps DeepSpeed's offload layout, but without
+    CUDA the optimizer already runs on the host: no DeepSpeedCPUAdam, whose JIT build costs ~80 s."""
+    import torch
+
+    from chatrl.engine.ds import _optimizer
+
+    cfg = ours(zero_stage=3, offload=True)
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert cfg["zero_force_ds_cpu_optimizer"] is torch.cuda.is_available()
+    opt = _optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))]}],
+                     EngineSpec(zero_stage=3, offload=True))
+    if not torch.cuda.is_available():
+        assert type(opt) is torch.optim.AdamW
+
+
 def test_the_file_adds_what_chatrl_does_not_set():
     merged, notes = merge_deepspeed_config(ours(zero_stage=2), {
         "zero_optimization": {"reduce_bucket_size": 5e7, "stage": 2},

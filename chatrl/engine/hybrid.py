@@ -202,11 +202,16 @@ class HFBackend:
     vLLM backend implements the same way.
     """
 
-    def __init__(self, config=None, device=None):
+    def __init__(self, config=None, device=None, rollout_weights: str = "same"):
         self.config = config
         self.device = device
         self.model = None
         self._shared = False
+        self.weights = None
+        if rollout_weights == "fp16":
+            from .rollout_weights import Fp16RolloutWeights
+
+            self.weights = Fp16RolloutWeights()
 
     def share(self, module) -> None:
         self.model, self._shared = module, True
@@ -235,7 +240,9 @@ class HFBackend:
 
     def generate(self, input_ids, attention_mask, params, return_logprobs=False,
                  synced_gpus: bool = False) -> Generation:
-        return hf_generate(self.model, input_ids, attention_mask, params, return_logprobs, synced_gpus)
+        with self.weights.applied(self.model) if self.weights is not None else nullcontext():
+            return hf_generate(self.model, input_ids, attention_mask, params, return_logprobs,
+                               synced_gpus)
 
     def release(self) -> None:
         self.model, self._shared = None, False
@@ -266,12 +273,13 @@ class HybridEngine:
     """Wraps the actor's DeepSpeed engine; `generate` runs in generation mode."""
 
     def __init__(self, actor_engine, release_inference_cache: bool = False, gather_once: bool = True,
-                 backend: str = "hf"):
+                 backend: str = "hf", rollout_weights: str = "same"):
         self.engine = actor_engine
         self.release_inference_cache = release_inference_cache
         self.gather_once = gather_once
         base = unwrap(actor_engine.module)
-        self.backend = BACKENDS[backend](base.config, next(actor_engine.module.parameters()).device)
+        self.backend = BACKENDS[backend](base.config, next(actor_engine.module.parameters()).device,
+                                         rollout_weights=rollout_weights)
 
     @property
     def module(self):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,24 @@ def ds_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def resolve_rollout_weights(kind: str, dtype: str) -> str:
+    """--rollout-weights fp16 where it applies (an fp32 actor on an x86 CPU), else `same` with a
+    note saying why."""
+    if kind != "fp16":
+        return kind
+    from .rollout_weights import fp16_kernel_available
+
+    why = ("the actor trains in " + dtype if dtype != "fp32" else
+           "rollouts run on the GPU" if torch.cuda.is_available() else
+           None if fp16_kernel_available() else "this CPU build has no fbgemm (x86 only)")
+    if why is None:
+        return "fp16"
+    if ds.is_main():
+        print(f"note: --rollout-weights fp16 ignored: {why}; rollouts decode with the trained "
+              f"weights", file=sys.stderr)
+    return "same"
+
+
 class RLHFModels:
     """Builds and holds actor, reference, critic, reward (+ actor EMA)."""
 
@@ -69,7 +88,7 @@ class RLHFModels:
                  offload_reference_model: bool = False, offload_reward_model: bool = False,
                  enable_ema: bool = False, release_inference_cache: bool = False,
                  actor_total_steps: int | None = None, reference: bool = True,
-                 deepspeed_config: str | None = None):
+                 deepspeed_config: str | None = None, rollout_weights: str = "same"):
         """critic None: no critic (critic-free algorithms); reward_path None: no reward model
         (rule-based or remote rewards); reference False: no reference model (KL coefficient 0)."""
         self.tokenizer = tokenizer
@@ -98,7 +117,8 @@ class RLHFModels:
         # The actor may take more optimizer steps than the critic (PTX adds one after each PPO
         # step): each scheduler is built for its own model's count.
         self.actor = engine_for(actor_model, actor, actor_total_steps or total_steps, "actor: ")
-        self.hybrid = HybridEngine(self.actor, release_inference_cache=release_inference_cache)
+        self.hybrid = HybridEngine(self.actor, release_inference_cache=release_inference_cache,
+                                   rollout_weights=resolve_rollout_weights(rollout_weights, dtype))
         self.ref = (_frozen(ref_model, actor.zero_stage, dtype, offload_reference_model)
                     if reference else None)
         # critic + reward

@@ -335,7 +335,8 @@ def build_models(cfg, tokenizer, total_steps: int, dtype: str,
         offload_reference_model=cfg.offload_reference_model,
         offload_reward_model=cfg.offload_reward_model, enable_ema=cfg.enable_ema,
         release_inference_cache=cfg.release_inference_cache, actor_total_steps=actor_total_steps,
-        deepspeed_config=cfg.deepspeed_config, reference=reference)
+        deepspeed_config=cfg.deepspeed_config, reference=reference,
+        rollout_weights=cfg.rollout_weights)
 
 
 def iterations_per_epoch(n_prompts: int, cfg, world: int) -> int:

@@ -161,3 +161,32 @@ def test_resume_after_kill_with_ema_equals_uninterrupted(ppo_models, tmp_path):
             assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), (ra["step"], key)
     ema_a, ema_b = state_dict_of(whole / "actor_ema"), state_dict_of(part / "actor_ema")
     assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) < 1e-6
+
+
+def test_fp16_rollout_weights_sample_a_policy_within_fp16_rounding_and_log_the_gap(ppo_models, tmp_path):
+    """--rollout-weights fp16 (fbgemm fp16 copies of the fp32 actor for decode steps): the old
+    log-probs come from the rollout, so the pre-update training forward differs from them by the
+    weights' fp16 rounding alone: more than the exact fp32 rollout, far less than any update."""
+    from chatrl.engine.rollout_weights import fp16_kernel_available
+
+    if not fp16_kernel_available():
+        pytest.skip("fbgemm is x86-only")
+    actor, critic = ppo_models
+    common = ["ppo", "--actor_model_name_or_path", actor, "--critic_model_name_or_path", critic,
+              *PPO_FAST, "--max_steps", "2", "--ppo_epochs", "1", "--temperature", "0.7",
+              "--actor_dropout", "0", "--critic_dropout", "0"]
+    gaps = {}
+    for name, extra in (("same", []), ("fp16", ["--rollout_weights", "fp16"]),
+                        ("fp16-recomputed", ["--rollout_weights", "fp16", "--recompute-old-logprobs"])):
+        res, _ = traced(tmp_path / name, *common, *extra)
+        assert "--rollout-weights fp16 ignored" not in res.stderr
+        rows = metrics(tmp_path / name)
+        gaps[name] = (max(r["policy/logprob_gap"] for r in rows),
+                      max(r["policy/logprob_gap_max"] for r in rows))
+        if name == "fp16-recomputed":  # the rollout's own gap to the recompute is logged instead
+            gaps["rollout"] = max(r["rollout/logprob_gap"] for r in rows)
+    # Measured (tiny Llama; the larger iteration's mean / max over tokens): fp32 rollout
+    # 2e-7 / 1e-6; fp16 weights 4.8e-3 / 1.6e-2; recomputed 2e-8 / 5e-7, the rollout's own gap 5.9e-3.
+    assert gaps["same"][1] < 1e-5, gaps
+    assert 1e-5 < gaps["fp16"][0] < 1e-2 and gaps["fp16"][1] < 0.1, gaps
+    assert gaps["fp16-recomputed"][1] < 1e-5 and 1e-5 < gaps["rollout"] < 1e-2, gaps

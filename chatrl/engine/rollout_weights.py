@@ -9,9 +9,10 @@ change is the weights' rounding to fp16 (a relative error below 2^-11).
 `Fp16RolloutWeights.applied(model)` routes the model's fp32 `nn.Linear`s (the LM head included)
 through those copies for inputs of at most `max_rows` rows, i.e. decode steps; the prompt's
 prefill, a compute-bound product, keeps the fp32 weights (fbgemm's fp16 kernel is slower there
-with AVX2). Packing costs ~15 ns per weight, so the copies are cached and rebuilt only for the
-weights that changed since the last rollout (a tensor's in-place version counter tells), i.e. the
-trained ones: the frozen trunk is packed once per run.
+with AVX2). Packing costs ~15 ns per weight, so the copies of frozen weights are kept for the run;
+trained ones (requires_grad) and LoRA base layers (merged into for each rollout) are packed again
+at every rollout. A tensor's version counter cannot tell: optimizers and DeepSpeed write through
+`.data`, which has a counter of its own.
 
 The policy that samples differs from the trained one by that rounding; PPO's old log-probs come
 from the rollout (the behaviour policy) unless --recompute-old-logprobs, and the pre-update forward
@@ -46,12 +47,12 @@ class Fp16RolloutWeights:
         self._packed: dict[int, tuple[tuple, object]] = {}  # id(module) -> (key, packed)
         self.repacked = 0  # weights packed by the last `applied` (for logs and tests)
 
-    def _pack(self, module: torch.nn.Linear):
+    def _pack(self, module: torch.nn.Linear, changes: bool):
         w, b = module.weight, module.bias
         key = (w.data_ptr(), w._version, tuple(w.shape),
                None if b is None else (b.data_ptr(), b._version))
         cached = self._packed.get(id(module))
-        if cached is not None and cached[0] == key:
+        if not changes and cached is not None and cached[0] == key:
             return cached[1]
         packed = torch.ops.quantized.linear_prepack_fp16(w.detach(), None if b is None else b.detach())
         self._packed[id(module)] = (key, packed)
@@ -63,11 +64,15 @@ class Fp16RolloutWeights:
         """Within: the model's eligible Linears use their fp16 copies for small inputs."""
         self.repacked = 0
         patched = []
+        merged_into = {id(m.base_layer) for m in model.modules()
+                       if isinstance(getattr(m, "base_layer", None), torch.nn.Module)}  # LoRA
         with torch.no_grad():
             for module in model.modules():
                 if not _eligible(module):
                     continue
-                packed = self._pack(module)
+                changes = (module.weight.requires_grad or id(module) in merged_into
+                           or (module.bias is not None and module.bias.requires_grad))
+                packed = self._pack(module, changes)
                 patched.append((module, module.__dict__.get("forward")))
                 module.forward = self._forward(module, packed)
         live = {id(m) for m, _ in patched}

@@ -50,15 +50,18 @@ def test_rm_accuracy_and_ppo_reward_rise(tmp_path):
     assert rm_eval["accuracy"] >= 0.9, rm_eval
     assert rm_eval["chosen_score"] > rm_eval["rejected_score"] + 1.0, rm_eval
 
-    chatrl("ppo", "--actor_model_name_or_path", tmp_path / "sft" / "model",
-           "--critic_model_name_or_path", tmp_path / "rm" / "model", "--data_path", pref,
-           "--data_split", "0,0,10", "--per_device_generation_batch_size", "16",
-           "--per_device_training_batch_size", "8", "--max_prompt_seq_len", "48",
-           "--max_answer_seq_len", "6", "--actor_learning_rate", "2e-3",
-           "--critic_learning_rate", "1e-3", "--num_warmup_steps", "0", "--lr_scheduler_type",
-           "constant", "--max_steps", "12", *FAST, "--output_dir", tmp_path / "ppo", timeout=400)
-    rows = metrics(tmp_path / "ppo")
-    scores = [r["reward/score"] for r in rows]
-    assert len(scores) == 12
-    first, last = sum(scores[:2]) / 2, sum(scores[-3:]) / 3
-    assert last >= first + 1.5, scores  # measured gains 2.4-3.0 over 3 seeds
+    # the second run samples with fp16 copies of the actor's weights (--rollout-weights fp16)
+    for name, extra in (("ppo", []), ("ppo-fp16", ["--rollout_weights", "fp16"])):
+        chatrl("ppo", "--actor_model_name_or_path", tmp_path / "sft" / "model",
+               "--critic_model_name_or_path", tmp_path / "rm" / "model", "--data_path", pref,
+               "--data_split", "0,0,10", "--per_device_generation_batch_size", "16",
+               "--per_device_training_batch_size", "8", "--max_prompt_seq_len", "48",
+               "--max_answer_seq_len", "6", "--actor_learning_rate", "2e-3",
+               "--critic_learning_rate", "1e-3", "--num_warmup_steps", "0", "--lr_scheduler_type",
+               "constant", "--max_steps", "12", *FAST, *extra, "--output_dir", tmp_path / name,
+               timeout=400)
+        rows = metrics(tmp_path / name)
+        scores = [r["reward/score"] for r in rows]
+        assert len(scores) == 12
+        first, last = sum(scores[:2]) / 2, sum(scores[-3:]) / 3
+        assert last >= first + 1.5, (name, scores)  # measured gains 2.4-3.0 over 3 seeds

@@ -34,19 +34,28 @@ def test_small_inputs_use_fp16_weights_large_ones_and_outside_the_exact_fp32_one
     assert torch.equal(model(small), exact_small)
 
 
-def test_only_changed_weights_are_packed_again():
+def test_trained_weights_are_packed_again_frozen_ones_kept():
     model, rw = _model(), Fp16RolloutWeights()
+    model[0].requires_grad_(False)  # frozen
     x = torch.randn(4, 64)
     with torch.no_grad(), rw.applied(model):
         model(x)
-    with torch.no_grad(), rw.applied(model):
-        model(x)
-    assert rw.repacked == 0  # the cache holds
+    assert rw.repacked == 2
+    opt = torch.optim.AdamW(model[2].parameters(), lr=0.1, fused=True)
+    for _ in range(2):  # an optimizer step, then a rollout: the trained weight is packed again
+        model(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad(), rw.applied(model):
+            got = model(x)
+        assert rw.repacked == 1
+        torch.testing.assert_close(got, _fp16_reference(model, x), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        model[2].weight.add_(0.5)  # an optimizer step changes a weight in place
+        model[0].weight.data.add_(0.5)  # a write the version counter never sees (`.data`) ...
+        model[0].weight.add_(0.0)  # ... and one it does: a frozen weight changed in place is packed again
     with torch.no_grad(), rw.applied(model):
         got = model(x)
-    assert rw.repacked == 1
+    assert rw.repacked == 2
     torch.testing.assert_close(got, _fp16_reference(model, x), rtol=1e-5, atol=1e-6)
 
 

@@ -72,7 +72,8 @@ def parse_args(argv=None):
                         "reference. A 'grpo/' prefix (grpo/fp32:16) runs the same number of answers "
                         "as GRPO: prompts / --grpo-generations prompts, that many answers each. "
                         "An '@topN' suffix (fp32:16@top8) trains only the top N blocks of actor and "
-                        "critic, sharing the frozen trunk; '@topN+noshare' without sharing it")
+                        "critic, sharing the frozen trunk; '@topN+noshare' without sharing it; "
+                        "'fp16w' (fp32:4@fp16w, fp32:16@top8+fp16w) decodes with --rollout-weights fp16")
     p.add_argument("--grpo-generations", type=int, default=4, help="answers per prompt of grpo/ workloads")
     p.add_argument("--prototypes", default="",
                    help="comma-separated prototype sets (names joined by '+'; known: no-gc, "
@@ -311,11 +312,27 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
         module.train()
         return out
 
+    # --rollout-weights fp16: every weight of this engine is trained (requires_grad), so each
+    # rollout packs them all again (as with every layer trained); "frozen" keeps the copies.
+    hybrid16 = HybridEngine(engine, rollout_weights="fp16")
+
+    def fp16_frozen():
+        trained = [p for p in module.parameters() if p.requires_grad]
+        for p in trained:
+            p.requires_grad_(False)
+        try:
+            return hybrid16.generate(ids, mask, sampled, return_logprobs=True)
+        finally:
+            for p in trained:
+                p.requires_grad_(True)
+
     fns = {"hf": plain,
            "hybrid": lambda: hybrid.generate(ids, mask, params).sequences,
            "hybrid_logprobs": lambda: hybrid.generate(ids, mask, params, return_logprobs=True).sequences,
            "hf_sampled": plain_sampled,
-           "hybrid_sampled": lambda: hybrid.generate(ids, mask, sampled, return_logprobs=True).sequences}
+           "hybrid_sampled": lambda: hybrid.generate(ids, mask, sampled, return_logprobs=True).sequences,
+           "fp16w_trained": lambda: hybrid16.generate(ids, mask, sampled, return_logprobs=True).sequences,
+           "fp16w_frozen": lambda: fp16_frozen().sequences}
     for fn in fns.values():   # warm-up
         fn()
     best = _best_alternating(fns, args.repeats)
@@ -324,6 +341,18 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
     if not same:
         raise AssertionError("hybrid engine and model.generate produced different tokens")
     new = args.gen_batch * args.gen_tokens
+    # fidelity of the fp16 copies: recorded log-probs against the fp32 model's on the same tokens
+    torch.manual_seed(args.seed)
+    g16 = fp16_frozen()
+    module.eval()
+    with torch.no_grad():
+        logits = module(input_ids=g16.sequences, attention_mask=torch.cat(
+            [mask, torch.ones_like(g16.sequences[:, ids.shape[1]:])], 1)).logits
+    module.train()
+    P = ids.shape[1]
+    lp = torch.log_softmax(logits[:, P - 1:-1].float() / 0.7, -1).gather(
+        -1, g16.sequences[:, P:, None])[..., 0]
+    gap = (lp - g16.logprobs).abs()
     res = {"prompts": args.gen_batch, "prompt_len": args.prompt_len, "new_tokens": args.gen_tokens,
            "hf_s": best["hf"][0], "hybrid_s": best["hybrid"][0],
            "hybrid_logprobs_s": best["hybrid_logprobs"][0],
@@ -333,8 +362,13 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
            "hf_new_tokens_per_s": new / best["hf"][0], "tokens_identical": same, "target_ratio": 0.8,
            "hf_sampled_s": best["hf_sampled"][0], "hybrid_sampled_s": best["hybrid_sampled"][0],
            "ratio_sampled": best["hf_sampled"][0] / best["hybrid_sampled"][0],
-           "hybrid_sampled_new_tokens_per_s": new / best["hybrid_sampled"][0]}
-    del engine, model, hybrid
+           "hybrid_sampled_new_tokens_per_s": new / best["hybrid_sampled"][0],
+           "fp16w_trained_s": best["fp16w_trained"][0], "fp16w_frozen_s": best["fp16w_frozen"][0],
+           "ratio_fp16w_trained": best["hybrid_sampled"][0] / best["fp16w_trained"][0],
+           "ratio_fp16w_frozen": best["hybrid_sampled"][0] / best["fp16w_frozen"][0],
+           "fp16w_frozen_new_tokens_per_s": new / best["fp16w_frozen"][0],
+           "fp16w_logprob_gap_mean": gap.mean().item(), "fp16w_logprob_gap_max": gap.max().item()}
+    del engine, model, hybrid, hybrid16
     gc.collect()
     return res
 
@@ -342,7 +376,7 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
 # ----------------------------------------------------------------------------- (c) workload
 
 def ppo_config(path: str, dtype: str, prompts: int, args, algo: str = "ppo", top: int = -1,
-               share: bool = True):
+               share: bool = True, rollout_weights: str = "same"):
     """PPO: `prompts` prompts, one answer each, the model as critic and reward model (a random
     value head is allowed). GRPO: prompts / G prompts with G answers each (the same number of
     answers), no critic, no reference model (KL 0), rewards from a function (letter_share)."""
@@ -353,7 +387,8 @@ def ppo_config(path: str, dtype: str, prompts: int, args, algo: str = "ppo", top
               "generation_batches": 1, "ppo_epochs": args.ppo_epochs, "max_prompt_seq_len": args.prompt_len,
               "max_answer_seq_len": args.answer_len, "dtype": dtype, "num_warmup_steps": 0,
               "seed": args.seed, "enable_ema": False, "print_answers": False,
-              "actor_num_layers_unfrozen": top, "share_frozen_trunk": share}
+              "actor_num_layers_unfrozen": top, "share_frozen_trunk": share,
+              "rollout_weights": rollout_weights}
     if algo == "grpo":
         g = args.grpo_generations
         if prompts % g:
@@ -376,12 +411,12 @@ class LetterShare:
 
 
 def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict, algo: str = "ppo",
-                 top: int = -1, share: bool = True) -> dict:
+                 top: int = -1, share: bool = True, rollout_weights: str = "same") -> dict:
     from chatrl.engine import ds
     from chatrl.engine.flops import matmul_params, train_flops_per_token
     from chatrl.steps.ppo import PPOTrainer, build_models, update_epochs
 
-    cfg = ppo_config(path, dtype, prompts, args, algo, top, share)
+    cfg = ppo_config(path, dtype, prompts, args, algo, top, share, rollout_weights)
     ds.seed_everything(args.seed)
     n_iters = args.iters + 1
     mb = cfg.per_device_training_batch_size
@@ -444,7 +479,7 @@ def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict, al
         if getattr(trainer.trunk.get("critic"), "twin", None) is not None:
             f_score -= skipped["critic"] * T
     peak = peaks[dtype]["flops"]
-    res = {"algo": algo, "dtype": dtype, "layers_unfrozen": top, "trunk_shared": sorted(trainer.trunk), "prompts": prompts, "group_size": cfg.num_generations if algo == "grpo" else 1, "train_batch": mb, "ppo_epochs": cfg.ppo_epochs,
+    res = {"algo": algo, "dtype": dtype, "layers_unfrozen": top, "rollout_weights": rollout_weights, "trunk_shared": sorted(trainer.trunk), "prompts": prompts, "group_size": cfg.num_generations if algo == "grpo" else 1, "train_batch": mb, "ppo_epochs": cfg.ppo_epochs,
            "prompt_len": args.prompt_len,
            "answer_len": args.answer_len, "iterations": len(iters), "build_s": t_build.s,
            "matmul_params_actor": Na, "matmul_params_critic": Nc,
@@ -475,6 +510,8 @@ def workload_label(w: dict) -> str:
     if w.get("layers_unfrozen", -1) >= 0:
         label += f", top {w['layers_unfrozen']} blocks" + (
             " (trunk shared)" if w.get("trunk_shared") else " (trunk not shared)")
+    if w.get("rollout_weights", "same") != "same":
+        label += f", {w['rollout_weights']} rollout weights"
     if w.get("algo") == "grpo":
         label += f" GRPO ({w['prompts'] // w['group_size']} x {w['group_size']})"
     return label
@@ -502,6 +539,11 @@ def _print_report(res: dict) -> None:
               f"{b['hf_sampled_s']:.2f} s | "
               f"hybrid + log-probs (inverse-CDF sampler) {b['hybrid_sampled_s']:.2f} s "
               f"({b['hybrid_sampled_new_tokens_per_s']:.1f} tok/s, ratio {b['ratio_sampled']:.2f}x)")
+        print(f"    --rollout-weights fp16: weights frozen (packed once) {b['fp16w_frozen_s']:.2f} s "
+              f"({b['fp16w_frozen_new_tokens_per_s']:.1f} tok/s, {b['ratio_fp16w_frozen']:.2f}x the rollout "
+              f"path) | every weight trained (packed at each rollout) {b['fp16w_trained_s']:.2f} s "
+              f"({b['ratio_fp16w_trained']:.2f}x) | log-prob gap to fp32 mean "
+              f"{b['fp16w_logprob_gap_mean']:.2g}, max {b['fp16w_logprob_gap_max']:.2g}")
     if res.get("workloads"):
         w0 = res["workloads"][0]
         print(f"(c) PPO iteration, {w0['prompt_len']}-token prompts, {w0['answer_len']}-token answers, "
@@ -568,15 +610,17 @@ def main(argv=None) -> int:
     for w in args.workloads.split(","):
         w, _, frozen = w.strip().partition("@")
         opts = frozen.split("+") if frozen else []
-        if any(o != "noshare" and not (o.startswith("top") and o[3:].isdigit()) for o in opts):
-            raise SystemExit(f"--workloads: {frozen!r}: use @topN or @topN+noshare")
+        if any(o not in ("noshare", "fp16w") and not (o.startswith("top") and o[3:].isdigit())
+               for o in opts):
+            raise SystemExit(f"--workloads: {frozen!r}: use @topN, @topN+noshare, @fp16w")
         top = next((int(o[3:]) for o in opts if o.startswith("top")), -1)
         algo = "grpo" if w.startswith("grpo/") else "ppo"
         d, n, proto = (w.removeprefix("grpo/").split(":") + [""])[:3]
         if d not in B.DTYPES or not n.isdigit():
             raise SystemExit(f"--workloads: {w!r} is not [grpo/]dtype:prompts[:prototypes] (e.g. fp32:4)")
         B.prototypes(proto)   # validates the names
-        workloads.append((d, int(n), proto, algo, top, "noshare" not in opts))
+        workloads.append((d, int(n), proto, algo, top, "noshare" not in opts,
+                          "fp16" if "fp16w" in opts else "same"))
     if args.prototypes:     # the reference configuration again, with library prototypes patched in
         for proto in args.prototypes.split(","):
             B.prototypes(proto)
@@ -608,9 +652,9 @@ def main(argv=None) -> int:
         _print_report({"hybrid_vs_hf": res["hybrid_vs_hf"]})
     if "workload" in parts:
         res["workloads"] = []
-        for d, n, proto, algo, top, share in workloads:
+        for d, n, proto, algo, top, share, rollout_weights in workloads:
             with B.prototypes(proto):
-                w = run_workload(args, path, tok, d, n, peaks, algo, top, share)
+                w = run_workload(args, path, tok, d, n, peaks, algo, top, share, rollout_weights)
             w["prototypes"] = proto
             res["workloads"].append(w)
             label = workload_label(w)

@@ -311,7 +311,10 @@ class HybridEngine:
                 yield self.backend
             else:
                 # Weights are whole on this rank (or ZeRO-3 gathers per layer, per token).
-                merge = lora_merged(module) if has_lora(module) and not self._zero3() else nullcontext()
+                # LoRA stays unmerged under --rollout-weights fp16: the frozen base layers keep
+                # the fp16 copies packed at the first rollout, the small adapters run beside them.
+                merge = (lora_merged(module) if has_lora(module) and not self._zero3()
+                         and getattr(self.backend, "weights", None) is None else nullcontext())
                 with merge:
                     self.backend.share(module)
                     yield self.backend

@@ -6,13 +6,16 @@ part of torch's x86 build) keeps each weight in fp16, half the bytes, converts i
 registers and multiplies in fp32: activations, accumulation and outputs stay fp32, and the only
 change is the weights' rounding to fp16 (a relative error below 2^-11).
 
-`Fp16RolloutWeights.applied(model)` routes the model's fp32 `nn.Linear`s (the LM head included)
-through those copies for inputs of at most `max_rows` rows, i.e. decode steps; the prompt's
-prefill, a compute-bound product, keeps the fp32 weights (fbgemm's fp16 kernel is slower there
-with AVX2). Packing costs ~15 ns per weight, so the copies of frozen weights are kept for the run;
-trained ones (requires_grad) and LoRA base layers (merged into for each rollout) are packed again
-at every rollout. A tensor's version counter cannot tell: optimizers and DeepSpeed write through
-`.data`, which has a counter of its own.
+`Fp16RolloutWeights.applied(model)` routes the model's frozen fp32 `nn.Linear`s (the LM head
+included when it is frozen) through those copies for inputs of at most `max_rows` rows, i.e.
+decode steps; the prompt's prefill, a compute-bound product, keeps the fp32 weights (fbgemm's fp16
+kernel is slower there with AVX2). Packing costs ~15 ns per weight against ~0.2 ns saved per
+weight and decode step (SmolLM2, 4 rows, AVX2): a weight that changes at every update would need
+about 70 decode steps per rollout to pay for its packing (measured: 0.86x with every weight packed
+at each rollout). So only frozen weights get copies, packed at the first rollout and kept for the
+run; trained ones (requires_grad) and LoRA base layers merged into keep their fp32 weights. The
+hybrid engine leaves LoRA adapters unmerged under this option, so the frozen base layers use
+their copies and the small adapters run beside them in fp32.
 
 The policy that samples differs from the trained one by that rounding; PPO's old log-probs come
 from the rollout (the behaviour policy) unless --recompute-old-logprobs, and the pre-update forward
@@ -47,12 +50,12 @@ class Fp16RolloutWeights:
         self._packed: dict[int, tuple[tuple, object]] = {}  # id(module) -> (key, packed)
         self.repacked = 0  # weights packed by the last `applied` (for logs and tests)
 
-    def _pack(self, module: torch.nn.Linear, changes: bool):
+    def _pack(self, module: torch.nn.Linear):
         w, b = module.weight, module.bias
         key = (w.data_ptr(), w._version, tuple(w.shape),
                None if b is None else (b.data_ptr(), b._version))
         cached = self._packed.get(id(module))
-        if not changes and cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == key:
             return cached[1]
         packed = torch.ops.quantized.linear_prepack_fp16(w.detach(), None if b is None else b.detach())
         self._packed[id(module)] = (key, packed)
@@ -61,22 +64,22 @@ class Fp16RolloutWeights:
 
     @contextmanager
     def applied(self, model: torch.nn.Module):
-        """Within: the model's eligible Linears use their fp16 copies for small inputs."""
+        """Within: the model's frozen eligible Linears use their fp16 copies for small inputs."""
         self.repacked = 0
         patched = []
-        merged_into = {id(m.base_layer) for m in model.modules()
-                       if isinstance(getattr(m, "base_layer", None), torch.nn.Module)}  # LoRA
+        merged_into = {id(m.base_layer) for m in model.modules()  # LoRA layers merged for the rollout
+                       if isinstance(getattr(m, "base_layer", None), torch.nn.Module)
+                       and getattr(m, "merged", False)}
         with torch.no_grad():
             for module in model.modules():
-                if not _eligible(module):
+                if not _eligible(module) or id(module) in merged_into or any(
+                        p.requires_grad for p in module.parameters(recurse=False)):
                     continue
-                changes = (module.weight.requires_grad or id(module) in merged_into
-                           or (module.bias is not None and module.bias.requires_grad))
-                packed = self._pack(module, changes)
+                packed = self._pack(module)
                 patched.append((module, module.__dict__.get("forward")))
                 module.forward = self._forward(module, packed)
         live = {id(m) for m, _ in patched}
-        for gone in [k for k in self._packed if k not in live]:  # modules replaced or dropped
+        for gone in [k for k in self._packed if k not in live]:  # unfrozen, replaced or dropped
             del self._packed[gone]
         try:
             yield

@@ -50,8 +50,10 @@ def test_rm_accuracy_and_ppo_reward_rise(tmp_path):
     assert rm_eval["accuracy"] >= 0.9, rm_eval
     assert rm_eval["chosen_score"] > rm_eval["rejected_score"] + 1.0, rm_eval
 
-    # the second run samples with fp16 copies of the actor's weights (--rollout-weights fp16)
-    for name, extra in (("ppo", []), ("ppo-fp16", ["--rollout_weights", "fp16"])):
+    # the second run trains the actor's top block only and samples with fp16 copies of its
+    # frozen weights (--rollout-weights fp16)
+    for name, extra in (("ppo", []), ("ppo-fp16", ["--rollout_weights", "fp16",
+                                                   "--actor_num_layers_unfrozen", "1"])):
         chatrl("ppo", "--actor_model_name_or_path", tmp_path / "sft" / "model",
                "--critic_model_name_or_path", tmp_path / "rm" / "model", "--data_path", pref,
                "--data_split", "0,0,10", "--per_device_generation_batch_size", "16",

@@ -164,9 +164,10 @@ def test_resume_after_kill_with_ema_equals_uninterrupted(ppo_models, tmp_path):
 
 
 def test_fp16_rollout_weights_sample_a_policy_within_fp16_rounding_and_log_the_gap(ppo_models, tmp_path):
-    """--rollout-weights fp16 (fbgemm fp16 copies of the fp32 actor for decode steps): the old
-    log-probs come from the rollout, so the pre-update training forward differs from them by the
-    weights' fp16 rounding alone: more than the exact fp32 rollout, far less than any update."""
+    """--rollout-weights fp16 (fbgemm fp16 copies of the fp32 actor's frozen weights, used by
+    decode steps): the old log-probs come from the rollout, so the pre-update training forward
+    differs from them by the weights' fp16 rounding alone: more than the exact fp32 rollout, far
+    less than any update."""
     from chatrl.engine.rollout_weights import fp16_kernel_available
 
     if not fp16_kernel_available():
@@ -174,10 +175,12 @@ def test_fp16_rollout_weights_sample_a_policy_within_fp16_rounding_and_log_the_g
     actor, critic = ppo_models
     common = ["ppo", "--actor_model_name_or_path", actor, "--critic_model_name_or_path", critic,
               *PPO_FAST, "--max_steps", "2", "--ppo_epochs", "1", "--temperature", "0.7",
-              "--actor_dropout", "0", "--critic_dropout", "0"]
-    gaps = {}
+              "--actor_dropout", "0", "--critic_dropout", "0", "--actor_num_layers_unfrozen", "1"]
+    gaps = {}  # block 0 frozen: its weights get the fp16 copies
     for name, extra in (("same", []), ("fp16", ["--rollout_weights", "fp16"]),
-                        ("fp16-recomputed", ["--rollout_weights", "fp16", "--recompute-old-logprobs"])):
+                        ("fp16-recomputed", ["--rollout_weights", "fp16", "--recompute-old-logprobs"]),
+                        ("fp16-lora", ["--rollout_weights", "fp16", "--actor_lora_dim", "8",
+                                       "--actor_lora_learning_rate", "1e-2"])):
         res, _ = traced(tmp_path / name, *common, *extra)
         assert "--rollout-weights fp16 ignored" not in res.stderr
         rows = metrics(tmp_path / name)
@@ -185,9 +188,12 @@ def test_fp16_rollout_weights_sample_a_policy_within_fp16_rounding_and_log_the_g
                       max(r["policy/logprob_gap_max"] for r in rows))
         if name == "fp16-recomputed":  # the rollout's own gap to the recompute is logged instead
             gaps["rollout"] = max(r["rollout/logprob_gap"] for r in rows)
-    # Measured (tiny Llama; the larger iteration's mean / max over tokens): fp32 rollout
-    # 2e-7 / 1e-6; fp16 weights 4.8e-5 / 1.3e-4; recomputed 2e-8 / 5e-7, the rollout's own gap
-    # 4.9e-5. Stale copies (the trained weights not packed again after the update) gave 4.8e-3.
+    # Measured (tiny Llama, block 0 frozen; the larger iteration's mean / max over tokens): fp32
+    # rollout 2e-7 / 1e-6; fp16 weights 4.6e-5 / 1.2e-4; recomputed 6e-8 / 1e-6, the rollout's own
+    # gap 4.0e-5; LoRA 4.4e-5 / 1.4e-4. Stale copies of trained weights (an earlier version of the
+    # cache, which trusted the version counter optimizers bypass) gave 4.8e-3.
     assert gaps["same"][1] < 1e-5, gaps
     assert 5e-6 < gaps["fp16"][0] < 1e-3 and gaps["fp16"][1] < 1e-2, gaps
     assert gaps["fp16-recomputed"][1] < 1e-5 and 5e-6 < gaps["rollout"] < 1e-3, gaps
+    # LoRA adapters stay unmerged beside the fp16 base layers (packed once): same gap scale
+    assert 5e-6 < gaps["fp16-lora"][0] < 1e-3 and gaps["fp16-lora"][1] < 1e-2, gaps

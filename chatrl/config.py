@@ -225,8 +225,9 @@ class PPOConfig(CommonConfig):
     top_k: int = opt(0, "top-k sampling of rollouts (0: off)")
     generation_backend: str = opt("hf", "rollout generation backend", choices=("hf",))
     rollout_weights: str = opt("same", "weights the rollouts decode with: same (the trained ones) "
-                                       "or fp16 (fp16 copies of an fp32 actor on an x86 CPU: half "
-                                       "the bytes per decode step; see policy/logprob_gap)",
+                                       "or fp16 (fp16 copies of an fp32 actor's frozen weights on "
+                                       "an x86 CPU: half the bytes per decode step; see "
+                                       "policy/logprob_gap)",
                                choices=("same", "fp16"))
     # --- RL hyper-parameters (DeepSpeed-Chat hard-coded these)
     kl_coef: float = opt(0.1, "KL penalty coefficient (kl_ctl)")

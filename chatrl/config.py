@@ -603,6 +603,10 @@ def build_config(cls, *, cli: dict | None = None, files: list | None = None, pre
                     raise ConfigError(f"{where}: unknown option {k!r} for {section or cls.__name__}{hint}")
                 continue
             values[k] = _coerce(k, _base_type(known[k].type), v, where)
+            choices = known[k].metadata.get("choices")
+            if choices and values[k] is not None and values[k] not in choices:
+                raise ConfigError(f"{where}: {k} {values[k]!r} is not one of "
+                                  f"{', '.join(map(str, choices))}")
 
     def merge_file(path: Path, where: str):
         # Top-level keys apply to every step that has them (and must exist in some step);

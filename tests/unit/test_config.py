@@ -63,6 +63,11 @@ def test_bad_values_are_config_errors():
         sft("--model_name_or_path", "tiny", "--per_device_train_batch_size", "0")
     with pytest.raises(ConfigError, match="--output-dir is required"):
         build_config(SFTConfig, cli={"model_name_or_path": "tiny"})
+    # key=value and config files get the flags' choices too (they used to pass unchecked)
+    with pytest.raises(ConfigError, match=r"override 'zero_stage=4': zero_stage 4 is not one of 0, 1, 2, 3"):
+        sft("--model_name_or_path", "tiny", "zero_stage=4")
+    with pytest.raises(ConfigError, match=r"rollout_weights 'int8' is not one of same, fp16"):
+        build_config(PPOConfig, overrides=["rollout_weights=int8"], validate=False)
 
 
 # ----------------------------------------------------------------------------- precedence

@@ -341,14 +341,29 @@ _KEEP_CACHE: dict = {}
 _CACHE_ARG: dict = {}
 
 
-def accepts_logits_to_keep(model) -> bool:
-    """Whether the model's forward can compute logits for the last N positions only."""
+def _logits_to_keep_kind(model) -> str | None:
+    """None: the forward has no `logits_to_keep`; "last": it takes an int (the last N positions);
+    "positions": it also takes a 1-D tensor of positions (annotated `int | torch.Tensor`, as
+    Transformers' own models since 4.50)."""
     cls = type(unwrap(model))
     if cls not in _KEEP_CACHE:
         import inspect
 
-        _KEEP_CACHE[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+        param = inspect.signature(cls.forward).parameters.get("logits_to_keep")
+        _KEEP_CACHE[cls] = None if param is None else \
+            "positions" if "Tensor" in str(param.annotation) else "last"
     return _KEEP_CACHE[cls]
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the model's forward can compute logits for the last N positions only."""
+    return _logits_to_keep_kind(model) is not None
+
+
+def accepts_logit_positions(model) -> bool:
+    """Whether the model's forward can compute logits at given positions only
+    (`logits_to_keep=torch.tensor([...])`)."""
+    return _logits_to_keep_kind(model) == "positions"
 
 
 def cache_argument(model) -> str | None:

@@ -20,7 +20,7 @@ from ..engine.rlhf import _frozen
 from ..logging import write_line
 from ..models import load_causal_lm, resolve_model_path
 from ..models.load import check_same_tokenizer, model_inputs
-from ..rl import dpo_loss, gather_logprobs
+from ..rl import dpo_loss, next_token_logprobs
 from . import common
 from .sft import engine_spec, loop_spec, maybe_lora
 
@@ -29,8 +29,8 @@ def response_logps(model, batch: dict, prompt_lens: torch.Tensor, device) -> tor
     """Sum of log p(token) over each row's response tokens. [rows] for a collate_pairs batch."""
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
-    logits = model(**model_inputs(model, ids, mask), use_cache=False).logits[:, :-1]
-    logps = gather_logprobs(logits, ids[:, 1:])
+    logits = model(**model_inputs(model, ids, mask), use_cache=False).logits
+    logps = next_token_logprobs(logits, ids)
     positions = torch.arange(1, ids.shape[1], device=device).unsqueeze(0)
     answer = (positions >= prompt_lens.to(device).unsqueeze(1)) & mask[:, 1:].bool()
     return (logps * answer).sum(-1)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..engine.hybrid import GenerationParams
-from ..models.load import accepts_logits_to_keep, cache_argument, model_inputs, unwrap
+from ..models.load import accepts_logit_positions, accepts_logits_to_keep, cache_argument, model_inputs, unwrap
 from ..rewards import Scores, ScoringBatch, score_batch
 from ..rl import (AlgoSettings, clipped_policy_loss, discounted_returns, entropy_from_logits,
                   gae_advantages, gather_logprobs, group_advantages, kl_shaped_rewards, masked_mean,
@@ -48,9 +48,13 @@ def answer_logits(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int,
         if logits is not None:
             return logits
     answer_len = seq.shape[1] - prompt_len
+    if accepts_logit_positions(model):
+        # The vocabulary projection only where an answer token is predicted (positions P - 1 ..
+        # T - 2): the prompt's logits are never needed, and the [B, R, V] logits come out
+        # contiguous (a slice of R + 1 positions would be copied, and its backward zero-filled).
+        keep = torch.arange(prompt_len - 1, seq.shape[1] - 1, device=seq.device)
+        return model(**model_inputs(model, seq, mask), use_cache=False, logits_to_keep=keep).logits
     if accepts_logits_to_keep(model):
-        # The vocabulary projection only where an answer token is predicted (the last R + 1
-        # positions; the final one predicts nothing): the prompt's logits are never needed.
         out = model(**model_inputs(model, seq, mask), use_cache=False, logits_to_keep=answer_len + 1)
         logits = out.logits[:, :-1]
     else:

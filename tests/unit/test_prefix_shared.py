@@ -155,3 +155,23 @@ def test_fallbacks(monkeypatch):
     assert stages.shared_prompt_logits(bloom, seq, mask, P) is None
     torch.testing.assert_close(stages.answer_logits(bloom, seq, mask, P, group_size=3),
                                stages.answer_logits(bloom, seq, mask, P), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", SHARING + ["bloom"])
+def test_answer_logits_equal_the_full_forward_and_are_contiguous(arch):
+    """The answer logits are computed at the answer positions only (a tensor of positions for
+    logits_to_keep where the model takes one) and equal the full forward's, sliced, with the
+    same weight gradients; they come out contiguous (no copy of the logits in gather_logprobs)."""
+    model = tiny(arch).train()
+    seq, mask, act, P = grouped_batch(G=1)
+    logits = stages.answer_logits(model, seq, mask, P)
+    assert stages.accepts_logit_positions(model) and logits.is_contiguous()
+    full = model(**stages.model_inputs(model, seq, mask), use_cache=False).logits[:, P - 1:-1]
+    torch.testing.assert_close(logits, full, rtol=0, atol=1e-5)
+    lp, grads = loss_and_grads(model, logits, seq, act, P)
+    lp_full, grads_full = loss_and_grads(
+        model, model(**stages.model_inputs(model, seq, mask), use_cache=False).logits[:, P - 1:-1], seq, act, P)
+    torch.testing.assert_close(lp, lp_full, rtol=0, atol=1e-5)
+    assert grads.keys() == grads_full.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_full[n], rtol=1e-4, atol=1e-6, msg=n)

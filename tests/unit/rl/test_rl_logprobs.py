@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatrl.rl import entropy_from_logits, gather_logprobs, sequence_logprobs, sft_loss, token_counts
+from chatrl.rl import (entropy_from_logits, gather_logprobs, next_token_logprobs, sequence_logprobs, sft_loss,
+                       token_counts)
 
 LN3 = math.log(3.0)
 
@@ -62,6 +63,43 @@ def test_gather_logprobs_non_contiguous_shifted_view():
     ids = torch.randint(0, 5, (2, 6), generator=g)
     naive = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(gather_logprobs(logits[:, :-1], ids[:, 1:]), naive, atol=1e-6, rtol=0)
+
+
+def test_next_token_logprobs_equal_the_shifted_slice_without_copying_the_logits():
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(3, 6, 7, generator=g)
+    ids = torch.randint(0, 7, (3, 6), generator=g)
+    ids[0, 4] = -100
+    a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    out = next_token_logprobs(a, ids)
+    ref = gather_logprobs(b[:, :-1], ids[:, 1:])
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    assert out.shape == (3, 5) and out[0, 3] == 0
+    (out * torch.arange(15.0).view(3, 5)).sum().backward()
+    (ref * torch.arange(15.0).view(3, 5)).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
+    assert not a.grad[:, -1].any()   # the last position predicts nothing
+
+
+def test_default_chunks_on_cpu_match_naive_values_and_gradients():
+    """A vocabulary large enough that the default CPU chunking splits the rows: values and
+    gradients equal one naive log_softmax over everything."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(2, 40, 65536, generator=g) * 3      # 5.2M elements: 3 chunks on a CPU
+    labels = torch.randint(0, 65536, (2, 40), generator=g)
+    a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    w = torch.randn(2, 40, generator=g)
+    out = gather_logprobs(a, labels, temperature=0.7)
+    naive = torch.log_softmax(b / 0.7, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out, naive, atol=1e-5, rtol=0)
+    (out * w).sum().backward()
+    (naive * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-7, rtol=1e-5)
+    ent = entropy_from_logits(base, temperature=0.7)
+    z = base.double() / 0.7
+    naive_ent = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    # fp32: logsumexp (~20 here) minus E[z] (~19) loses ~1e-5 x 20 to cancellation
+    torch.testing.assert_close(ent.double(), naive_ent, atol=5e-4, rtol=0)
 
 
 def test_gather_logprobs_shape_mismatch():

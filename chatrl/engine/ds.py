@@ -49,12 +49,31 @@ def init_distributed() -> None:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if os.environ.get("LOCAL_RANK", "0") == "0":  # the other ranks wait on the lock rank 0 clears
-        clear_stale_build_locks()  # DeepSpeed JIT-loads an op next (on CPU: shared-memory all-reduce)
+        clear_stale_build_locks()  # a killed build of a JIT op (e.g. CPU Adam) would block every run
+    if not torch.cuda.is_available():
+        _skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     elif world_size() > 1:
         atexit.register(_remove_shm_buffer)
+
+
+def _skip_shm_comm_op() -> None:
+    """DeepSpeed's CPU backend JIT-builds (40-80 s on a fresh machine, with a C++ compiler) and
+    loads a shared-memory all-reduce op when the process group starts. Only its tensor-parallel
+    inference (`inference_all_reduce`) uses it; chatrl's collectives, ZeRO's included, go through
+    torch.distributed (gloo). DeepSpeed skips ops its table marks incompatible: mark this one."""
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        table = getattr(deepspeed.ops, "__compatible_ops__", None)
+        if builder is not None and isinstance(table, dict):
+            table[builder.NAME] = False
+    except Exception:  # another DeepSpeed layout: it builds the op as before
+        pass
 
 
 # A lock this old, with no process building in its folder, was left by a killed build.

@@ -92,6 +92,25 @@ def test_offload_on_a_host_without_cuda_steps_with_torch_adamw():
         assert type(opt) is torch.optim.AdamW
 
 
+def test_joining_the_process_group_on_a_cpu_host_builds_no_deepspeed_op():
+    """DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op when the process group
+    starts (40-80 s on a fresh machine, every first run), for tensor-parallel inference only.
+    chatrl's collectives go through torch.distributed, so the op is neither built nor loaded."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA host: DeepSpeed's CUDA accelerator has no such op")
+    code = ("from chatrl.engine import ds; ds.init_distributed(); import deepspeed.comm.comm as c; "
+            "print('op:', c.cdb.shm_comm_op)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "op: None" in r.stdout and "built successfully" not in r.stdout + r.stderr
+
+
 def test_the_file_adds_what_chatrl_does_not_set():
     merged, notes = merge_deepspeed_config(ours(zero_stage=2), {
         "zero_optimization": {"reduce_bucket_size": 5e7, "stage": 2},

@@ -72,11 +72,17 @@ class Rates:
     optimizer_s_per_param: float  # AdamW step time per trained parameter
     decode_s: dict[int, float] = field(default_factory=dict)  # one decode step at batch B
     probe_s: float = 0.0
+    # one rollout decode step at batch B with --rollout-weights fp16 (frozen layers through fp16
+    # copies); empty: rollouts decode as decode_s
+    rollout_decode_s: dict[int, float] = field(default_factory=dict)
 
 
 def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int = 64,
-          layers_unfrozen: int = 8) -> Rates:
-    """Time the base model on this machine (see the module docstring)."""
+          layers_unfrozen: int = 8, rollout_weights: tuple[str, int, int] | None = None) -> Rates:
+    """Time the base model on this machine (see the module docstring).
+
+    rollout_weights=("fp16", B, N): also time a decode step at batch B with fp16 copies of the
+    layers frozen below the top N blocks, as step 3's rollouts run it (--rollout-weights fp16)."""
     from .engine import ds
     from .engine.flops import forward_flops, matmul_params
     from .engine.hybrid import GenerationParams, hf_generate
@@ -133,7 +139,9 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
         x_fwd = ids(8, seq)
         t_fwd = timed(lambda: model(input_ids=x_fwd, use_cache=False),
                       lambda: model(input_ids=x_small, use_cache=False))
-        for b in sorted(set(decode_batches)):
+
+        def decode_step(b: int) -> float:
+            """One decode step at batch b: 10 new tokens minus 2 (prefill, warm-up cancel) over 8."""
             prompt = ids(b, 32)
 
             def gen(k):  # the rollout path (sampled, log-probs recorded); k new tokens, no EOS
@@ -142,12 +150,32 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
 
             short = timed(lambda: gen(2), lambda: gen(1))
             long = timed(lambda: gen(10), lambda: None)
-            decode[b] = max(long - short, 1e-6) / 8
+            return max(long - short, 1e-6) / 8
+
+        for b in sorted(set(decode_batches)):
+            decode[b] = decode_step(b)
+        rollout_decode = {}
+        if rollout_weights is not None and _fp16_rollouts_apply(rollout_weights[0], dtype):
+            from .engine.rollout_weights import Fp16RolloutWeights
+
+            _, b, unfrozen = rollout_weights
+            if unfrozen >= 0:  # copies of the frozen layers only: none when every layer trains
+                freeze_lower_layers(model.requires_grad_(True), unfrozen)
+                with Fp16RolloutWeights().applied(model):
+                    rollout_decode[b] = decode_step(b)
     del model
     return Rates(dtype=dtype, train_flops_per_s=trunk_fpt * x_train.numel() / t_train,
                  forward_flops_per_s=forward_flops(n, x_fwd.numel()) / t_fwd,
                  optimizer_s_per_param=t_opt / max(n_trained, 1), decode_s=decode,
-                 probe_s=time.perf_counter() - t0)
+                 probe_s=time.perf_counter() - t0, rollout_decode_s=rollout_decode)
+
+
+def _fp16_rollouts_apply(kind: str, dtype: str) -> bool:
+    """Whether step 3 will decode through fp16 copies (engine.rlhf.resolve_rollout_weights,
+    without its note)."""
+    from .engine.rollout_weights import fp16_kernel_available
+
+    return kind == "fp16" and dtype == "fp32" and not torch.cuda.is_available() and fp16_kernel_available()
 
 
 def _trunk_flops_per_token(trunk) -> float:
@@ -159,9 +187,10 @@ def _trunk_flops_per_token(trunk) -> float:
     return train_flops_per_token(trunk)
 
 
-def decode_time(rates: Rates, batch: int) -> float:
-    """One decode step at `batch`, from the nearest measured batch (linear in between)."""
-    pts = sorted(rates.decode_s.items())
+def decode_time(rates: Rates, batch: int, rollout: bool = False) -> float:
+    """One decode step at `batch`, from the nearest measured batch (linear in between);
+    `rollout`: as step 3's rollouts decode (rollout_decode_s where measured)."""
+    pts = sorted((rates.rollout_decode_s if rollout and rates.rollout_decode_s else rates.decode_s).items())
     if batch <= pts[0][0] or len(pts) == 1:
         b, t = pts[0]
         return t * max(batch, 1) / b if batch > b else t
@@ -310,7 +339,7 @@ class Planner:
         seq_tokens = gb * (P + A * DECODE_FRACTION)
         t_gen = (gb * P * a_fwd / r.forward_flops_per_s
                  + cfg.generation_batches * A * DECODE_FRACTION
-                 * decode_time(r, cfg.per_device_generation_batch_size))
+                 * decode_time(r, cfg.per_device_generation_batch_size, rollout=True))
         t_score = seq_tokens * (a_fwd + c_score) / r.forward_flops_per_s
         opt_steps = cfg.ppo_epochs * max(1, gb // cfg.per_device_training_batch_size) // cfg.gradient_accumulation_steps
         t_train = (cfg.ppo_epochs * seq_tokens * (a_train + c_train) / r.train_flops_per_s

@@ -36,3 +36,29 @@ def test_decode_time_interpolates_between_measured_batches():
     assert decode_time(r, 18) == pytest.approx(0.2)
     assert decode_time(r, 2) == pytest.approx(0.1)  # below the smallest: no faster than it
     assert decode_time(r, 64) == pytest.approx(0.6)  # above the largest: linear in the batch
+
+
+def test_rollouts_decode_at_their_own_rate_where_measured():
+    r = Rates("fp32", 1e9, 1e9, 1e-9, decode_s={16: 0.2, 48: 0.4}, rollout_decode_s={16: 0.15})
+    assert decode_time(r, 16, rollout=True) == pytest.approx(0.15)
+    assert decode_time(r, 16) == pytest.approx(0.2) and decode_time(r, 48, rollout=True) == pytest.approx(0.45)
+    assert decode_time(Rates("fp32", 1e9, 1e9, 1e-9, decode_s={16: 0.2}), 16, rollout=True) == pytest.approx(0.2)
+
+
+def test_the_probe_times_fp16_rollout_weights_only_where_step_3_uses_them():
+    """--rollout-weights fp16: the probe also times a decode step through fp16 copies of the
+    layers frozen below the trained top blocks; not for `same`, nor when every layer trains."""
+    import torch
+
+    from chatrl.budget import probe
+    from chatrl.engine.rollout_weights import fp16_kernel_available
+    from chatrl.models import resolve_model_path
+
+    if torch.cuda.is_available() or not fp16_kernel_available():
+        pytest.skip("fp16 rollout weights are for x86 CPUs (fbgemm)")
+    path = resolve_model_path("tiny-llama")
+    r = probe(path, "fp32", (2,), seq=16, layers_unfrozen=1, rollout_weights=("fp16", 3, 1))
+    assert set(r.decode_s) == {2} and set(r.rollout_decode_s) == {3} and r.rollout_decode_s[3] > 0
+    for other in (("same", 3, 1), ("fp16", 3, -1)):
+        assert probe(path, "fp32", (2,), seq=16, layers_unfrozen=1, rollout_weights=other).rollout_decode_s == {}
+    assert probe(path, "bf16", (2,), seq=16, layers_unfrozen=1, rollout_weights=("fp16", 3, 1)).rollout_decode_s == {}

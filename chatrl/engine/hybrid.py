@@ -81,6 +81,10 @@ class Generation:
 
 
 class GenerationBackend(Protocol):
+    # Whether the engine folds LoRA adapters into the weights for a rollout (ZeRO 0-2); False:
+    # the backend runs them unmerged (fp16 rollout copies of the frozen base layers).
+    merges_lora: bool
+
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -208,6 +212,7 @@ class HFBackend:
         self.model = None
         self._shared = False
         self.weights = None
+        self.merges_lora = rollout_weights != "fp16"
         if rollout_weights == "fp16":
             from .rollout_weights import Fp16RolloutWeights
 
@@ -314,7 +319,7 @@ class HybridEngine:
                 # LoRA stays unmerged under --rollout-weights fp16: the frozen base layers keep
                 # the fp16 copies packed at the first rollout, the small adapters run beside them.
                 merge = (lora_merged(module) if has_lora(module) and not self._zero3()
-                         and getattr(self.backend, "weights", None) is None else nullcontext())
+                         and self.backend.merges_lora else nullcontext())
                 with merge:
                     self.backend.share(module)
                     yield self.backend

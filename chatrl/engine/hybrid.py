@@ -280,6 +280,7 @@ class HybridEngine:
     def __init__(self, actor_engine, release_inference_cache: bool = False, gather_once: bool = True,
                  backend: str = "hf", rollout_weights: str = "same"):
         self.engine = actor_engine
+        self.rollout_weights = rollout_weights
         self.release_inference_cache = release_inference_cache
         self.gather_once = gather_once
         base = unwrap(actor_engine.module)

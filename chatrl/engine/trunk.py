@@ -145,6 +145,27 @@ class TrunkShare:
         finally:
             handle.remove()
 
+    @contextmanager
+    def capture_steps(self, module):
+        """A context in which each forward of `module` (a KV-cached generation with the trained
+        model itself: the prompt, then one position per decode step) appends block cut - 1's
+        output; `taken()` then returns them joined, [batch, positions forwarded, hidden]. Only
+        for blocks that return a tensor (Transformers 5): else nothing is recorded."""
+        block = transformer_blocks(unwrap(module))[self.cut - 1]
+        parts: list = []
+
+        def hook(_mod, _args, output):
+            parts.append(output.detach() if isinstance(output, torch.Tensor) else None)
+
+        self._taken = None
+        handle = block.register_forward_hook(hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
+        if parts and all(p is not None and p.shape[0] == parts[0].shape[0] for p in parts):
+            self._form, self._taken = -1, torch.cat(parts, dim=1)
+
     def taken(self) -> torch.Tensor | None:
         out, self._taken = self._taken, None
         return out

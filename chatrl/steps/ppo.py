@@ -23,7 +23,7 @@ and including the first EOS.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -44,6 +44,19 @@ from .online import (PromptStream, collect_experience, load_prompts,  # noqa: F4
                      reward_model_path, reward_sources)
 from .stages import (Experience, answer_logits, answer_values, ended_with_eos,  # noqa: F401
                      logprob_gap_stats)  # (re-exported: the API, tests and benchmarks import them here)
+
+
+def _rollout_states(hidden: torch.Tensor | None, seq: torch.Tensor) -> torch.Tensor | None:
+    """The frozen trunk's output recorded during a rollout ([N, positions forwarded, H]: the
+    prompt, then one per decode step) cut or completed to seq's [N, P + R] positions. The last
+    answer token is never forwarded by the rollout; the states there are zeros, read by no
+    pass: it predicts nothing, and no earlier position attends to it."""
+    T = seq.shape[1]
+    if hidden is None or hidden.shape[0] != seq.shape[0] or hidden.shape[1] < T - 1:
+        return None
+    if hidden.shape[1] >= T:
+        return hidden[:, :T].contiguous()
+    return torch.cat([hidden, hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2])], dim=1)
 
 
 class PPOTrainer:
@@ -86,6 +99,13 @@ class PPOTrainer:
         from ..engine.trunk import trunk_shares
 
         self.trunk = trunk_shares(models) if getattr(cfg, "share_frozen_trunk", True) else {}
+        # An fp32 actor decoding with its own weights computes that output itself during the
+        # rollout, for every position it forwards (a KV-cached decode agrees with a full forward
+        # to ~1e-6 in fp32): it is recorded there, and the reference forward starts at the
+        # first trained block too. Not with fp16 rollout copies, nor bf16 (rounded differently).
+        share = self.trunk.get("actor")
+        self.trunk_from_rollout = (share is not None and share.twin is not None and models.dtype == "fp32"
+                                   and getattr(models.hybrid, "rollout_weights", "same") == "same")
 
     # ------------------------------------------------------------------ 1-3. experience
     @torch.no_grad()
@@ -110,18 +130,23 @@ class PPOTrainer:
         (their columns reach reward functions)."""
         cfg, m, algo = self.cfg, self.models, self.algo
         # 1. rollout (generation mode: gathered / merged weights, KV cache, no dropout)
-        ro = stages.rollout(m.hybrid, input_ids, attention_mask, self.gen_params,
-                            n_samples=algo.num_generations, rows=rows, device=self.device)
+        from_rollout = self.trunk_from_rollout and algo.num_generations == 1
+        with self.trunk["actor"].capture_steps(m.actor.module) if from_rollout else nullcontext():
+            ro = stages.rollout(m.hybrid, input_ids, attention_mask, self.gen_params,
+                                n_samples=algo.num_generations, rows=rows, device=self.device)
         seq, mask, act, P = ro.sequences, ro.attention_mask, ro.action_mask, ro.prompt_len
         # 2. scores of every reward source, then the reference and critic forwards
         t1 = time.time()
         trunk: dict = {}  # the frozen trunks' output over seq (see __init__), for later passes
+        if from_rollout and (states := _rollout_states(self.trunk["actor"].taken(), seq)) is not None:
+            trunk["actor"] = states
         with self._record(trunk, "critic", m.reward, ro.group_size):
             sc = stages.score(ro, self.tokenizer, self.sources, self.weights, skip_bad=cfg.skip_bad_rewards)
         t_reward = time.time() - t1
         ref_logprobs = None
         if m.ref is not None:
-            with self._record(trunk, "actor", m.ref, ro.group_size):
+            with self._record(trunk, "actor", m.ref, ro.group_size), \
+                    stages.replay(self.trunk.get("actor"), m.ref, trunk):
                 ref_logprobs = stages.forward_logprobs(m.ref, seq, mask, P, cfg.temperature, self.device,
                                                        group_size=ro.group_size) * act
         if self.recompute_old_logprobs:  # after the reference forward: its frozen trunk replays here
@@ -175,6 +200,12 @@ class PPOTrainer:
                           sc.accuracy.to(self.device) if sc.accuracy is not None else None,
                           [{name: round(float(t[i]), 5) for name, t in sc.per_source.items()}
                            for i in range(len(scores))], ro.entropy, trunk or None)
+
+    @property
+    def score_skips_reference_trunk(self) -> bool:
+        """Whether the reference forward skips the frozen blocks (their output recorded in the
+        rollout): for the FLOP count."""
+        return self.trunk_from_rollout and self.algo.num_generations == 1 and self.models.ref is not None
 
     @contextmanager
     def _record(self, into: dict, role: str, model, group_size: int):
@@ -442,6 +473,7 @@ def run_ppo(cfg) -> Path:
     train_per_token -= sum(skipped.values())
     score_skipped = skipped.get("critic", 0.0) if getattr(trainer.trunk.get("critic"), "twin", None) \
         is not None else 0.0
+    score_skipped += skipped.get("actor", 0.0) if trainer.score_skips_reference_trunk else 0.0
 
     # resume
     it, epoch, start_batch = 0, 0, 0

@@ -1,5 +1,6 @@
-"""Step 3 with frozen lower blocks: sharing the frozen trunk (recorded in the reference and critic
-scoring forwards, replayed by every PPO epoch) must not change what is learned. Two trainers
+"""Step 3 with frozen lower blocks: sharing the frozen trunk (the actor's recorded in the fp32
+rollout and replayed by the reference forward, the critic's in the reward model's forward; both
+replayed by every PPO epoch) must not change what is learned. Two trainers
 built alike, one with --share-frozen-trunk (the default) and one without, run the same two PPO
 iterations of two epochs from the same seed: the same losses, statistics and final weights."""
 
@@ -47,19 +48,26 @@ def run(tmp_path, share: bool, recompute: bool = False):
     count, calls = [0], []
     first = next(iter(transformer_blocks(unwrap(models.actor.module))))
     first.mlp.register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+    # and of the reference model's: with the shared trunk recorded in the (fp32) rollout, the
+    # reference forward starts at the first trained block too
+    ref_count, ref_calls = [0], []
+    ref_first = next(iter(transformer_blocks(unwrap(models.ref.module if hasattr(models.ref, "module")
+                                                    else models.ref))))
+    ref_first.mlp.register_forward_hook(lambda *a: ref_count.__setitem__(0, ref_count[0] + 1))
     stats, trunks = [], []
     torch.manual_seed(1)
     for _ in range(2):
-        before = count[0]
+        before, ref_before = count[0], ref_count[0]
         exp = trainer.generate_experience(batch["input_ids"], batch["attention_mask"])
         calls.append(count[0] - before)
+        ref_calls.append(ref_count[0] - ref_before)
         trunks.append(sorted(exp.trunk or {}))
         rows, _ = update_epochs(trainer, [exp])
         stats.append([{**r, **{k: v for k, v in trainer.last_stats.items() if k.startswith("rollout/")}}
                       for r in rows])
     weights = {n: p.detach().clone() for m in (models.actor, models.critic)
                for n, p in m.module.named_parameters() if p.requires_grad}
-    return trainer, stats, trunks, weights, calls
+    return trainer, stats, trunks, weights, calls, ref_calls
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["generation-logprobs", "recomputed-logprobs"])
@@ -68,8 +76,9 @@ def test_shared_trunk_learns_what_the_full_forward_learns(tmp_path, recompute):
     replays the trunk the reference forward recorded: the same old log-probs and gap."""
     init_in_process()
     with one_thread():
-        shared, s_stats, s_trunks, s_weights, s_calls = run(tmp_path / "s", True, recompute)
-        plain, p_stats, p_trunks, p_weights, p_calls = run(tmp_path / "p", False, recompute)
+        shared, s_stats, s_trunks, s_weights, s_calls, s_ref = run(tmp_path / "s", True, recompute)
+        plain, p_stats, p_trunks, p_weights, p_calls, p_ref = run(tmp_path / "p", False, recompute)
+    assert s_ref == [0, 0] and p_ref == [1, 1], (s_ref, p_ref)
     # the recompute forward runs the actor's frozen blocks only without the shared trunk
     assert [p - s for p, s in zip(p_calls, s_calls)] == [int(recompute)] * 2, (p_calls, s_calls)
     assert sorted(shared.trunk) == ["actor", "critic"] and plain.trunk == {}
@@ -94,5 +103,8 @@ def test_shared_trunk_learns_what_the_full_forward_learns(tmp_path, recompute):
                 if key in ra:
                     assert abs(ra[key] - rb[key]) <= 1e-4 + 1e-3 * abs(rb[key]), (key, ra[key], rb[key])
     assert s_weights.keys() == p_weights.keys() and s_weights
+    # The actor's trunk states come from the KV-cached rollout, which rounds differently from a
+    # full forward (~1e-6): after 8 Adam steps of lr 1e-3 (8e-3 of movement at most) the weights
+    # agree to ~1.5e-5 (measured), where Adam scales a near-zero gradient's rounding up.
     for name in s_weights:
-        assert torch.allclose(s_weights[name], p_weights[name], atol=1e-5, rtol=1e-4), name
+        assert torch.allclose(s_weights[name], p_weights[name], atol=5e-5, rtol=1e-4), name

@@ -144,3 +144,48 @@ def test_where_it_does_not_apply(tiny_model_path):
     lora = apply_lora(load_causal_lm(path, dropout=0.0), rank=2)
     freeze_lower_layers(lora, 1)
     assert why_not_shared(lora) == "LoRA"
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_rollout_records_the_trunk_the_reference_forward_would(arch):
+    """An fp32 rollout with the trained model records the frozen blocks' output at every
+    position it forwards (capture_steps): at every real token it equals the twin's full
+    forward, and the reference log-probs replayed from it equal the full reference forward's.
+    Left-padded prompts; sampled answers that end at different lengths."""
+    from chatrl.engine.hybrid import GenerationParams, hf_generate
+    from chatrl.steps.ppo import _rollout_states
+    from chatrl.steps.stages import forward_logprobs, response_mask
+
+    actor = randomize(load_causal_lm(resolve_model_path(f"tiny-{arch}"), dtype=torch.float32, dropout=0.0))
+    ref = copy.deepcopy(actor).eval()
+    freeze_lower_layers(actor, 1)
+    assert why_not_shared(actor, ref) is None
+    share = TrunkShare(frozen_cut(actor), "actor", ref)
+    seq, mask, _, P = batch()
+    ids, pmask = seq[:, :P], mask[:, :P]
+    torch.manual_seed(0)
+    eos = 7
+    params = GenerationParams(max_new_tokens=6, temperature=1.0, eos_token_id=eos, pad_token_id=0)
+    actor.eval()
+    with torch.no_grad(), share.capture_steps(actor):
+        gen = hf_generate(actor, ids, pmask, params, return_logprobs=True)
+    answer = gen.sequences[:, P:]
+    act = response_mask(answer, eos)
+    full_seq = torch.cat([ids, torch.where(act.bool(), answer, torch.zeros_like(answer))], 1)
+    full_mask = torch.cat([pmask, act.long()], 1)
+    recorded = _rollout_states(share.taken(), full_seq)
+    if arch == "bloom":   # its blocks return tuples (hidden, cache): nothing recorded, the
+        assert recorded is None   # reference forward then runs in full
+        return
+    assert recorded is not None and recorded.shape[:2] == full_seq.shape
+    with torch.no_grad(), share.capture(ref):
+        ref_lp = forward_logprobs(ref, full_seq, full_mask, P, 1.0, "cpu")
+    direct = share.taken()
+    real = full_mask.bool().clone()
+    real[:, -1] = False   # the last token is never forwarded by the rollout
+    assert torch.allclose(recorded[real], direct[real], atol=1e-5, rtol=1e-4)
+    with torch.no_grad(), share.reuse(ref, recorded):
+        replayed_lp = forward_logprobs(ref, full_seq, full_mask, P, 1.0, "cpu")
+    torch.testing.assert_close(replayed_lp * act, ref_lp * act, atol=1e-5, rtol=0)
+    # another shape records nothing usable: the caller then runs the full reference forward
+    assert _rollout_states(recorded[:, :P], full_seq) is None

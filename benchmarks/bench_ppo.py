@@ -476,6 +476,8 @@ def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict, al
         f_train = cfg.ppo_epochs * (per_token - sum(skipped.values())) * T
         if getattr(trainer.trunk.get("critic"), "twin", None) is not None:
             f_score -= skipped["critic"] * T
+        if trainer.score_skips_reference_trunk:  # the actor's trunk recorded in the rollout
+            f_score -= skipped["actor"] * T
     peak = peaks[dtype]["flops"]
     res = {"algo": algo, "dtype": dtype, "layers_unfrozen": top, "rollout_weights": rollout_weights, "trunk_shared": sorted(trainer.trunk), "prompts": prompts, "group_size": cfg.num_generations if algo == "grpo" else 1, "train_batch": mb, "ppo_epochs": cfg.ppo_epochs,
            "prompt_len": args.prompt_len,

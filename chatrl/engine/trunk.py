@@ -16,6 +16,11 @@ whole on the rank (not ZeRO-3), no LoRA, no gradient checkpointing, and each lat
 same rows and positions (an Experience carries the recorded states and `select` slices them with
 the rows it keeps). Where a pass's shape does not match, the blocks run as usual.
 
+An fp32 actor that decodes with its own weights computes its trunk's output during the rollout
+(the prompt, then one position per decode step; a KV-cached decode agrees with a full forward to
+~1e-6): `capture_steps` records it there, and the reference forward replays it as well
+(chatrl.steps.ppo.PPOTrainer.make_experience).
+
 Where the states come from a twin (the reference or reward model), the twin's frozen parameters
 then point at the trained model's tensors: equal and never updated, they are kept once in memory
 (about 0.4 GB per pair for SmolLM2-135M in fp32 with 22 of 30 blocks frozen).

@@ -332,15 +332,17 @@ class Planner:
         a_train, a_fwd, a_trained, a_frozen = _flops_per_token(actor_path, cfg.actor_num_layers_unfrozen)
         c_train, c_fwd, c_trained, c_frozen = _flops_per_token(critic_path, cfg.critic_num_layers_unfrozen,
                                                                reward=True)
-        c_score = 2 * c_fwd
+        c_score, a_score = 2 * c_fwd, a_fwd
+        r = self.rates
         if cfg.share_frozen_trunk:  # the frozen blocks run once per rollout (chatrl.engine.trunk)
             a_train, c_train, c_score = a_train - a_frozen, c_train - c_frozen, c_score - c_frozen
-        r = self.rates
+            if r.dtype == "fp32" and not _fp16_rollouts_apply(cfg.rollout_weights, r.dtype):
+                a_score -= a_frozen  # the rollout records the actor's trunk: the reference skips it
         seq_tokens = gb * (P + A * DECODE_FRACTION)
         t_gen = (gb * P * a_fwd / r.forward_flops_per_s
                  + cfg.generation_batches * A * DECODE_FRACTION
                  * decode_time(r, cfg.per_device_generation_batch_size, rollout=True))
-        t_score = seq_tokens * (a_fwd + c_score) / r.forward_flops_per_s
+        t_score = seq_tokens * (a_score + c_score) / r.forward_flops_per_s
         opt_steps = cfg.ppo_epochs * max(1, gb // cfg.per_device_training_batch_size) // cfg.gradient_accumulation_steps
         t_train = (cfg.ppo_epochs * seq_tokens * (a_train + c_train) / r.train_flops_per_s
                    + opt_steps * (a_trained + c_trained) * r.optimizer_s_per_param)

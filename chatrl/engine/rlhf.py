@@ -51,6 +51,7 @@ def _frozen(model: torch.nn.Module, zero_stage: int, dtype: str, offload_to_cpu:
                   "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                   "bf16": {"enabled": dtype == "bf16"}, "fp16": {"enabled": dtype == "fp16"}}
         engine, *_ = deepspeed.initialize(model=model, config=config)
+        ds.track_engine(engine)
         engine.eval()
         return engine
     target = torch.device("cpu") if offload_to_cpu else ds.device()

@@ -36,6 +36,7 @@ def response_logps(model, batch: dict, prompt_lens: torch.Tensor, device) -> tor
     return (logps * answer).sum(-1)
 
 
+@ds.releases_engines
 def run_dpo(cfg) -> Path:
     # 0. set-up
     run, model_path, tokenizer, template = common.prepare_step(cfg, "dpo")

@@ -417,6 +417,7 @@ def update_epochs(trainer: PPOTrainer, exps: list[Experience], ptx=None) -> tupl
     return stats, n_ptx
 
 
+@ds.releases_engines
 def run_ppo(cfg) -> Path:
     """`chatrl ppo`, and with an RLConfig `chatrl grpo` / `chatrl rl --algo NAME`."""
     name = getattr(cfg, "algo", "ppo")

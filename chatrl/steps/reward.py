@@ -32,6 +32,7 @@ def pair_scores(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor,
     return scores[:half], scores[half:], values
 
 
+@ds.releases_engines
 def run_rm(cfg) -> Path:
     # 0. set-up
     run, model_path, tokenizer, template = common.prepare_step(cfg, "rm")

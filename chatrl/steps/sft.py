@@ -59,6 +59,7 @@ def label_tokens(row: dict, train_on_prompt: bool) -> int:
     return n - 1 if train_on_prompt else n - row["prompt_len"]
 
 
+@ds.releases_engines
 def run_sft(cfg) -> Path:
     # 0. set-up
     run, model_path, tokenizer, template = common.prepare_step(cfg, "sft")

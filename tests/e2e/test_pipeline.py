@@ -144,3 +144,40 @@ def test_multi_node_without_hostfile_is_one_line_error(tmp_path):
     assert len(lines) == 1, proc.stderr[-3000:]
     assert "hostfile" in lines[0] and "/job/hostfile" in lines[0] and "--hostfile" in lines[0]
     assert not out.exists(), "nothing should be written before the error"
+
+
+# Runs the given steps one after another in one process, as `chatrl train` does, and prints what
+# the previous step left alive once it returned.
+_IN_PROCESS = """
+import gc, json, sys, torch
+from chatrl.cli import main
+for argv in json.loads(sys.argv[1]):
+    assert main(argv) == 0, argv
+    gc.collect()
+    live = gc.get_objects()
+    print("ALIVE", argv[0], sum(type(o).__name__ == "DeepSpeedEngine" for o in live),
+          sum(isinstance(o, torch.nn.Parameter) for o in live), flush=True)
+"""
+
+
+def test_a_bf16_step_run_in_process_hands_back_its_engine_and_model(tmp_path):
+    """`chatrl train` runs its steps in one process. A bf16 step's DeepSpeed engine (its ZeRO
+    optimizer's gradient hooks close a reference cycle through autograd that the garbage collector
+    cannot see) used to outlive the step with its model, gradients and optimizer state: the
+    default run's PPO step peaked at 7.7 GB with native bf16, where 4.4 GB ran it alone."""
+    common = ["--progress", "false", "--enable_tensorboard", "false", "--dtype", "bf16"]
+    sft, rm = tmp_path / "sft", tmp_path / "rm"
+    steps = [
+        ["sft", "--model_name_or_path", "tiny", "--max_seq_len", "64", "--max_steps", "2",
+         "--output_dir", str(sft), *common],
+        ["rm", "--model_name_or_path", "tiny", "--max_seq_len", "64", "--max_steps", "2",
+         "--output_dir", str(rm), *common],
+        ["ppo", "--actor_model_name_or_path", str(sft / "model"),
+         "--critic_model_name_or_path", str(rm / "model"), "--max_steps", "1",
+         "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "2",
+         "--max_prompt_seq_len", "32", "--max_answer_seq_len", "8",
+         "--output_dir", str(tmp_path / "ppo"), *common],
+    ]
+    res = run([PYTHON, "-c", _IN_PROCESS, json.dumps(steps)], timeout=400)
+    alive = [line.split()[1:] for line in res.stdout.splitlines() if line.startswith("ALIVE")]
+    assert alive == [["sft", "0", "0"], ["rm", "0", "0"], ["ppo", "0", "0"]], res.stdout[-2000:]

@@ -108,6 +108,16 @@ def why_not_shared(trained: nn.Module, twin: nn.Module | None = None) -> str | N
     return None
 
 
+@contextmanager
+def _hooked(block, hook):
+    """`hook` as a forward hook of `block` for the length of the context."""
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class TrunkShare:
     """Records the frozen trunk's output in one pass and replays it in later passes.
 
@@ -144,11 +154,8 @@ class TrunkShare:
                 self._taken = None
 
         self._taken = None
-        handle = block.register_forward_hook(hook)
-        try:
+        with _hooked(block, hook):
             yield self
-        finally:
-            handle.remove()
 
     @contextmanager
     def capture_steps(self, module):
@@ -163,11 +170,8 @@ class TrunkShare:
             parts.append(output.detach() if isinstance(output, torch.Tensor) else None)
 
         self._taken = None
-        handle = block.register_forward_hook(hook)
-        try:
+        with _hooked(block, hook):
             yield self
-        finally:
-            handle.remove()
         if parts and all(p is not None and p.shape[0] == parts[0].shape[0] for p in parts):
             self._form, self._taken = -1, torch.cat(parts, dim=1)
 

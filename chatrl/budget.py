@@ -336,7 +336,10 @@ class Planner:
         r = self.rates
         if cfg.share_frozen_trunk:  # the frozen blocks run once per rollout (chatrl.engine.trunk)
             a_train, c_train, c_score = a_train - a_frozen, c_train - c_frozen, c_score - c_frozen
-            if r.dtype == "fp32" and not _fp16_rollouts_apply(cfg.rollout_weights, r.dtype):
+            from .engine.trunk import rollout_records_trunk
+
+            kind = "fp16" if _fp16_rollouts_apply(cfg.rollout_weights, r.dtype) else "same"
+            if rollout_records_trunk(r.dtype, kind):
                 a_score -= a_frozen  # the rollout records the actor's trunk: the reference skips it
         seq_tokens = gb * (P + A * DECODE_FRACTION)
         t_gen = (gb * P * a_fwd / r.forward_flops_per_s

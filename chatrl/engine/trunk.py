@@ -108,6 +108,14 @@ def why_not_shared(trained: nn.Module, twin: nn.Module | None = None) -> str | N
     return None
 
 
+def rollout_records_trunk(dtype: str, rollout_weights: str) -> bool:
+    """Whether the actor's rollout computes its frozen trunk as the reference forward would, so
+    the reference can replay it: an fp32 actor decoding with its own weights (a KV-cached decode
+    agrees with a full forward to ~1e-6). Not with fp16 rollout copies, nor bf16 (both round
+    differently)."""
+    return dtype == "fp32" and rollout_weights == "same"
+
+
 @contextmanager
 def _hooked(block, hook):
     """`hook` as a forward hook of `block` for the length of the context."""

@@ -96,16 +96,14 @@ class PPOTrainer:
         self._pre_update = False  # no optimizer step since the last rollout (see train_rlhf)
         # The frozen lower blocks' output, recorded while scoring and replayed by each epoch's
         # training forwards (chatrl.engine.trunk; only with --*-num-layers-unfrozen).
-        from ..engine.trunk import trunk_shares
+        from ..engine.trunk import rollout_records_trunk, trunk_shares
 
         self.trunk = trunk_shares(models) if getattr(cfg, "share_frozen_trunk", True) else {}
-        # An fp32 actor decoding with its own weights computes that output itself during the
-        # rollout, for every position it forwards (a KV-cached decode agrees with a full forward
-        # to ~1e-6 in fp32): it is recorded there, and the reference forward starts at the
-        # first trained block too. Not with fp16 rollout copies, nor bf16 (rounded differently).
+        # Where the actor's rollout computes that output itself, for every position it forwards,
+        # it is recorded there, and the reference forward starts at the first trained block too.
         share = self.trunk.get("actor")
-        self.trunk_from_rollout = (share is not None and share.twin is not None and models.dtype == "fp32"
-                                   and getattr(models.hybrid, "rollout_weights", "same") == "same")
+        self.trunk_from_rollout = (share is not None and share.twin is not None and rollout_records_trunk(
+            models.dtype, getattr(models.hybrid, "rollout_weights", "same")))
 
     # ------------------------------------------------------------------ 1-3. experience
     @torch.no_grad()

@@ -339,7 +339,7 @@ class Planner:
             from .engine.trunk import rollout_records_trunk
 
             kind = "fp16" if _fp16_rollouts_apply(cfg.rollout_weights, r.dtype) else "same"
-            if rollout_records_trunk(r.dtype, kind):
+            if rollout_records_trunk(r.dtype, kind, getattr(cfg, "generation_backend", "hf")):
                 a_score -= a_frozen  # the rollout records the actor's trunk: the reference skips it
         seq_tokens = gb * (P + A * DECODE_FRACTION)
         t_gen = (gb * P * a_fwd / r.forward_flops_per_s

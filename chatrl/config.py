@@ -223,12 +223,16 @@ class PPOConfig(CommonConfig):
     temperature: float = opt(1.0, "sampling temperature of rollouts (0: greedy)")
     top_p: float = opt(1.0, "nucleus sampling of rollouts")
     top_k: int = opt(0, "top-k sampling of rollouts (0: off)")
-    generation_backend: str = opt("hf", "rollout generation backend", choices=("hf",))
+    generation_backend: str = opt("hf", "rollout generation backend: hf (Transformers) or llamacpp "
+                                        "(llama.cpp on the CPU, Llama-architecture actors; needs "
+                                        "`pip install llama-cpp-python`)",
+                                  choices=("hf", "llamacpp"))
     rollout_weights: str = opt("same", "weights the rollouts decode with: same (the trained ones) "
-                                       "or fp16 (fp16 copies of an fp32 actor's frozen weights on "
-                                       "an x86 CPU: half the bytes per decode step; see "
-                                       "policy/logprob_gap)",
-                               choices=("same", "fp16"))
+                                       "or fp16 (hf: fp16 copies of an fp32 actor's frozen weights "
+                                       "on an x86 CPU; llamacpp: every weight and the KV cache in "
+                                       "fp16) or q8_0 (llamacpp: 8-bit blocks); see "
+                                       "policy/logprob_gap",
+                               choices=("same", "fp16", "q8_0"))
     # --- RL hyper-parameters (DeepSpeed-Chat hard-coded these)
     kl_coef: float = opt(0.1, "KL penalty coefficient (kl_ctl)")
     adaptive_kl: bool = opt(False, "adapt kl_coef towards --kl-target (Ziegler et al.)")

@@ -172,21 +172,29 @@ def _own_generation_config(model, config):
         model.generation_config = saved
 
 
-def hf_generate(model, input_ids, attention_mask, params: GenerationParams,
-                return_logprobs: bool = False, synced_gpus: bool = False) -> Generation:
-    """Transformers generate under `params` alone; optionally the log-prob of each sampled token
-    under the policy softmax(logits / temperature) (top-p/top-k truncation and min_new_tokens
-    ignored, as in the training forward), which saves PPO a full actor forward."""
+def rollout_processors(params: GenerationParams, input_ids: torch.Tensor, return_logprobs: bool):
+    """(recorder or None, the logits processors of one rollout): the log-prob recorder first (it
+    sees the raw logits), then min_new_tokens, then `params.sampling_processors()`. Every
+    backend draws its tokens through these, so the distribution is the same code everywhere."""
     from transformers import LogitsProcessorList
     from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
 
-    config = params.generation_config()
     recorder = LogprobRecorder(params.temperature) if return_logprobs else None
     processors = LogitsProcessorList([recorder] if recorder is not None else [])
     if params.min_new_tokens and params.eos_token_id is not None:
         processors.append(MinNewTokensLengthLogitsProcessor(
             input_ids.shape[1], params.min_new_tokens, params.eos_token_id, device=input_ids.device))
     processors.extend(params.sampling_processors())
+    return recorder, processors
+
+
+def hf_generate(model, input_ids, attention_mask, params: GenerationParams,
+                return_logprobs: bool = False, synced_gpus: bool = False) -> Generation:
+    """Transformers generate under `params` alone; optionally the log-prob of each sampled token
+    under the policy softmax(logits / temperature) (top-p/top-k truncation and min_new_tokens
+    ignored, as in the training forward), which saves PPO a full actor forward."""
+    config = params.generation_config()
+    recorder, processors = rollout_processors(params, input_ids, return_logprobs)
     with _own_generation_config(model, config):
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                              generation_config=config, logits_processor=processors,
@@ -253,7 +261,13 @@ class HFBackend:
         self.model, self._shared = None, False
 
 
-BACKENDS = {"hf": HFBackend}
+def _llamacpp_backend(*args, **kwargs):
+    from .llamacpp import LlamaCppBackend
+
+    return LlamaCppBackend(*args, **kwargs)
+
+
+BACKENDS = {"hf": HFBackend, "llamacpp": _llamacpp_backend}
 
 
 def _no_init():
@@ -280,6 +294,7 @@ class HybridEngine:
     def __init__(self, actor_engine, release_inference_cache: bool = False, gather_once: bool = True,
                  backend: str = "hf", rollout_weights: str = "same"):
         self.engine = actor_engine
+        self.backend_name = backend
         self.rollout_weights = rollout_weights
         self.release_inference_cache = release_inference_cache
         self.gather_once = gather_once

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models import load_causal_lm
-from ..models.load import check_same_tokenizer
+from ..models.load import check_same_tokenizer, unwrap
 from ..models.freeze import report_trainable
 from ..models.lora import apply_lora
 from ..models.reward import RewardModel
@@ -62,6 +62,26 @@ def ds_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def resolve_generation(backend: str, kind: str, dtype: str, config, device) -> tuple[str, str]:
+    """(backend, rollout weights) that apply here: llama.cpp where the actor converts and runs on
+    the CPU, else Transformers with a note saying why."""
+    if backend == "llamacpp":
+        from .llamacpp import unsupported
+
+        why = unsupported(config, device)
+        if why is None:
+            return backend, kind
+        if ds.is_main():
+            print(f"note: --generation-backend llamacpp ignored: {why}; rollouts use Transformers",
+                  file=sys.stderr)
+    if kind == "q8_0":
+        if ds.is_main():
+            print("note: --rollout-weights q8_0 needs --generation-backend llamacpp; rollouts decode "
+                  "with the trained weights", file=sys.stderr)
+        kind = "same"
+    return "hf", resolve_rollout_weights(kind, dtype)
+
+
 def resolve_rollout_weights(kind: str, dtype: str) -> str:
     """--rollout-weights fp16 where it applies (an fp32 actor on an x86 CPU), else `same` with a
     note saying why."""
@@ -89,7 +109,8 @@ class RLHFModels:
                  offload_reference_model: bool = False, offload_reward_model: bool = False,
                  enable_ema: bool = False, release_inference_cache: bool = False,
                  actor_total_steps: int | None = None, reference: bool = True,
-                 deepspeed_config: str | None = None, rollout_weights: str = "same"):
+                 deepspeed_config: str | None = None, rollout_weights: str = "same",
+                 generation_backend: str = "hf"):
         """critic None: no critic (critic-free algorithms); reward_path None: no reward model
         (rule-based or remote rewards); reference False: no reference model (KL coefficient 0)."""
         self.tokenizer = tokenizer
@@ -118,8 +139,11 @@ class RLHFModels:
         # The actor may take more optimizer steps than the critic (PTX adds one after each PPO
         # step): each scheduler is built for its own model's count.
         self.actor = engine_for(actor_model, actor, actor_total_steps or total_steps, "actor: ")
+        backend, rollout_weights = resolve_generation(generation_backend, rollout_weights, dtype,
+                                                      unwrap(actor_model).config,
+                                                      next(actor_model.parameters()).device)
         self.hybrid = HybridEngine(self.actor, release_inference_cache=release_inference_cache,
-                                   rollout_weights=resolve_rollout_weights(rollout_weights, dtype))
+                                   backend=backend, rollout_weights=rollout_weights)
         self.ref = (_frozen(ref_model, actor.zero_stage, dtype, offload_reference_model)
                     if reference else None)
         # critic + reward

@@ -108,12 +108,12 @@ def why_not_shared(trained: nn.Module, twin: nn.Module | None = None) -> str | N
     return None
 
 
-def rollout_records_trunk(dtype: str, rollout_weights: str) -> bool:
+def rollout_records_trunk(dtype: str, rollout_weights: str, backend: str = "hf") -> bool:
     """Whether the actor's rollout computes its frozen trunk as the reference forward would, so
-    the reference can replay it: an fp32 actor decoding with its own weights (a KV-cached decode
-    agrees with a full forward to ~1e-6). Not with fp16 rollout copies, nor bf16 (both round
-    differently)."""
-    return dtype == "fp32" and rollout_weights == "same"
+    the reference can replay it: an fp32 actor decoding with its own weights in Transformers (a
+    KV-cached decode agrees with a full forward to ~1e-6). Not with fp16 rollout copies, nor bf16
+    (both round differently), nor llama.cpp (its hidden states stay inside it)."""
+    return dtype == "fp32" and rollout_weights == "same" and backend == "hf"
 
 
 @contextmanager

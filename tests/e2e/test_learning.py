@@ -13,6 +13,7 @@ flipped policy-gradient sign makes it fall. All through the real `chatrl` comman
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 
@@ -51,9 +52,12 @@ def test_rm_accuracy_and_ppo_reward_rise(tmp_path):
     assert rm_eval["chosen_score"] > rm_eval["rejected_score"] + 1.0, rm_eval
 
     # the second run trains the actor's top block only and samples with fp16 copies of its
-    # frozen weights (--rollout-weights fp16)
-    for name, extra in (("ppo", []), ("ppo-fp16", ["--rollout_weights", "fp16",
-                                                   "--actor_num_layers_unfrozen", "1"])):
+    # frozen weights (--rollout-weights fp16); the third samples through llama.cpp with 8-bit
+    # weights (where llama-cpp-python is installed, as in CI)
+    runs = [("ppo", []), ("ppo-fp16", ["--rollout_weights", "fp16", "--actor_num_layers_unfrozen", "1"])]
+    if importlib.util.find_spec("llama_cpp") is not None:
+        runs.append(("ppo-llamacpp-q8", ["--generation_backend", "llamacpp", "--rollout_weights", "q8_0"]))
+    for name, extra in runs:
         chatrl("ppo", "--actor_model_name_or_path", tmp_path / "sft" / "model",
                "--critic_model_name_or_path", tmp_path / "rm" / "model", "--data_path", pref,
                "--data_split", "0,0,10", "--per_device_generation_batch_size", "16",

@@ -197,3 +197,43 @@ def test_fp16_rollout_weights_sample_a_policy_within_fp16_rounding_and_log_the_g
     assert gaps["fp16-recomputed"][1] < 1e-5 and 5e-6 < gaps["rollout"] < 1e-3, gaps
     # LoRA adapters stay unmerged beside the fp16 base layers (packed once): same gap scale
     assert 5e-6 < gaps["fp16-lora"][0] < 1e-3 and gaps["fp16-lora"][1] < 1e-2, gaps
+
+
+def test_llamacpp_rollouts_sample_the_trained_policy_or_their_rounding(ppo_models, tmp_path):
+    """--generation-backend llamacpp: with `same` weights the rollouts' old log-probs equal the
+    pre-update training forward to fp32 noise (llama.cpp samples the trained policy); fp16 shows
+    its rounding in the logged gap; q8_0 recomputes the old log-probs by default and logs the
+    rollout's own gap instead. Block 0 frozen, so the frozen-tensor cache is in play."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    actor, critic = ppo_models
+    common = ["ppo", "--actor_model_name_or_path", actor, "--critic_model_name_or_path", critic,
+              *PPO_FAST, "--max_steps", "2", "--ppo_epochs", "1", "--temperature", "0.7",
+              "--actor_dropout", "0", "--critic_dropout", "0", "--actor_num_layers_unfrozen", "1",
+              "--generation_backend", "llamacpp"]
+    gaps = {}
+    for kind in ("same", "fp16", "q8_0"):
+        res, _ = traced(tmp_path / kind, *common, "--rollout_weights", kind)
+        assert "ignored" not in res.stderr, res.stderr
+        rows = metrics(tmp_path / kind)
+        assert len(rows) == 2
+        gaps[kind] = (max(r["policy/logprob_gap"] for r in rows), max(r["policy/logprob_gap_max"] for r in rows),
+                      max((r.get("rollout/logprob_gap", 0.0) for r in rows)))
+    # Measured (tiny Llama; the larger iteration's mean / max): same 2e-7 / 5e-7; fp16 1.5e-4 /
+    # 6.6e-4; q8_0 recomputed 6e-8 / 5e-7, the rollout's own gap 2.1e-3.
+    assert gaps["same"][1] < 1e-5 and gaps["same"][2] == 0.0, gaps
+    assert 1e-5 < gaps["fp16"][0] < 2e-2, gaps
+    assert gaps["q8_0"][1] < 1e-5 and 1e-4 < gaps["q8_0"][2] < 0.3, gaps
+
+
+def test_llamacpp_backend_falls_back_to_transformers_with_the_reason(tmp_path):
+    """An actor llama.cpp cannot take (GPT-2 here) rolls out through Transformers, and says why."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from chatrl.models import resolve_model_path
+
+    gpt2 = resolve_model_path("tiny-gpt2")
+    res = run([PYTHON, "-m", "chatrl", "ppo", "--actor_model_name_or_path", gpt2, "--critic_model_name_or_path",
+               gpt2, "--allow_untrained_reward_head", *PPO_FAST, "--max_steps", "1",
+               "--generation_backend", "llamacpp",
+               "--output_dir", tmp_path / "out"], env=child_env(), timeout=400)
+    assert "--generation-backend llamacpp ignored: only Llama-architecture models convert" in res.stderr
+    assert len(metrics(tmp_path / "out")) == 1

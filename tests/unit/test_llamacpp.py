@@ -1,0 +1,199 @@
+"""The llama.cpp rollout backend (chatrl.engine.llamacpp) on the tiny Llama (GQA, 2 blocks).
+
+- With `same` weights it samples the trained policy: the same tokens as the Transformers backend
+  under the same seed (left-padded prompts of different lengths, rows that stop early), and
+  log-probs equal to a full fp32 forward's; with tied and untied LM heads.
+- fp16 and q8_0 change the weights' rounding and nothing else: a gap above fp32 noise and small.
+- Frozen tensors are converted once; trained ones every rollout, even when an optimizer wrote them
+  through `.data` (whose version counter the cache must not trust).
+- LoRA adapters are folded in; more rows than one llama.cpp context takes are split and joined.
+- Models it cannot convert are named with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+
+from chatrl.engine import llamacpp  # noqa: E402
+from chatrl.engine.hybrid import GenerationParams, hf_generate  # noqa: E402
+from chatrl.engine.llamacpp import LlamaCppBackend, unsupported  # noqa: E402
+from chatrl.models import load_causal_lm  # noqa: E402
+from chatrl.models.load import model_inputs  # noqa: E402
+from chatrl.models.lora import apply_lora, lora_merged  # noqa: E402
+
+from test_models import randomize  # noqa: E402
+
+
+def _model(path, tied=True, eos=None):
+    model = load_causal_lm(path, "fp32").eval()
+    if not tied:
+        from transformers import AutoModelForCausalLM
+
+        config = copy.deepcopy(model.config)
+        config.tie_word_embeddings = False
+        model = AutoModelForCausalLM.from_config(config).eval()
+    randomize(model, seed=1)
+    if eos is not None:  # EOS's output row along the mean final state: some rows stop early
+        ids, mask = _prompts(7)
+        with torch.no_grad():
+            h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+            d = h.mean(0) / h.mean(0).norm()
+            model.get_output_embeddings().weight[eos] = 2.0 * d / (h @ d).mean()
+    return model
+
+
+def _prompts(n=4, seed=0):
+    """Left-padded rows of 3-9 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [9, 3, 6, 5, 8, 4, 7][:n]
+    ids = torch.full((n, max(lengths)), 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n_tok in enumerate(lengths):
+        ids[i, -n_tok:] = torch.randint(5, 400, (n_tok,), generator=g)
+        mask[i, -n_tok:] = 1
+    return ids, mask
+
+
+def _params(tok, temperature=1.0, n=12, **kw):
+    return GenerationParams(max_new_tokens=n, temperature=temperature, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, **kw)
+
+
+def _answer_mask(seq, width, eos):
+    """Answer tokens up to and including each row's first EOS."""
+    ans = seq[:, width:]
+    after = (ans == eos).long().cumsum(1) - (ans == eos).long()
+    return after == 0
+
+
+@torch.no_grad()
+def _full_forward_logprobs(model, seq, mask, width, temperature):
+    am = torch.cat([mask, torch.ones(seq.shape[0], seq.shape[1] - width, dtype=mask.dtype)], 1)
+    logits = model(**model_inputs(model, seq, am)).logits[:, width - 1:-1].float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, seq[:, width:, None]).squeeze(-1)
+
+
+def _rollout(backend, model, ids, mask, params, seed=0, share=True):
+    if share:
+        backend.share(model)
+    torch.manual_seed(seed)
+    return backend.generate(ids, mask, params, return_logprobs=True)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_same_weights_sample_the_trained_policy(tiny_model_path, tiny_tokenizer, tied):
+    tok = tiny_tokenizer
+    model = _model(tiny_model_path, tied, eos=tok.eos_token_id)
+    ids, mask = _prompts()
+    params = _params(tok)
+    ours = _rollout(LlamaCppBackend(model.config, "cpu", "same"), model, ids, mask, params)
+    torch.manual_seed(0)
+    theirs = hf_generate(model, ids, mask, params, return_logprobs=True)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    stops = (ours.sequences[:, ids.shape[1]:] == tok.eos_token_id).any(1)
+    assert 0 < stops.sum() < len(stops), ours.sequences  # some rows stopped early, some did not
+    valid = _answer_mask(ours.sequences, ids.shape[1], tok.eos_token_id)
+    ref = _full_forward_logprobs(model, ours.sequences, mask, ids.shape[1], 1.0)
+    assert (ours.logprobs - ref)[valid].abs().max() < 1e-4
+    assert (ours.logprobs - theirs.logprobs)[valid].abs().max() < 1e-4
+    assert (ours.entropy - theirs.entropy)[valid].abs().max() < 1e-3
+    # rows that stopped are padded after their EOS, as Transformers pads them
+    for row in ours.sequences[:, ids.shape[1]:]:
+        hit = (row == tok.eos_token_id).nonzero()
+        if len(hit):
+            assert (row[hit[0, 0] + 1:] == tok.pad_token_id).all()
+
+
+def test_greedy_min_new_tokens_and_temperature_match_transformers(tiny_model_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = _model(tiny_model_path, eos=tok.eos_token_id)
+    ids, mask = _prompts(3, seed=2)
+    backend = LlamaCppBackend(model.config, "cpu", "same")
+    for params in (_params(tok, 0.0), _params(tok, 0.7, top_p=0.9, top_k=40, min_new_tokens=12)):
+        ours = _rollout(backend, model, ids, mask, params, seed=3)
+        torch.manual_seed(3)
+        theirs = hf_generate(model, ids, mask, params, return_logprobs=True)
+        assert torch.equal(ours.sequences, theirs.sequences), params
+    assert ours.sequences.shape[1] == ids.shape[1] + 12
+    assert not (ours.sequences[:, ids.shape[1]:-1] == tok.eos_token_id).any()  # held back
+
+
+@pytest.mark.parametrize("kind,low,high", [("fp16", 1e-6, 2e-2), ("q8_0", 1e-4, 0.3)])
+def test_fp16_and_q8_rollouts_differ_by_their_rounding_alone(tiny_model_path, tiny_tokenizer, kind,
+                                                             low, high):
+    tok = tiny_tokenizer
+    model = _model(tiny_model_path)
+    ids, mask = _prompts()
+    params = _params(tok, n=16)
+    out = _rollout(LlamaCppBackend(model.config, "cpu", kind), model, ids, mask, params)
+    valid = _answer_mask(out.sequences, ids.shape[1], tok.eos_token_id)
+    gap = (out.logprobs - _full_forward_logprobs(model, out.sequences, mask, ids.shape[1], 1.0))[valid].abs()
+    assert low < gap.mean() < high, gap.mean()
+
+
+def test_frozen_tensors_are_converted_once_trained_ones_every_rollout(tiny_model_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = _model(tiny_model_path)
+    for p in model.model.layers[0].parameters():
+        p.requires_grad_(False)
+    ids, mask = _prompts()
+    params = _params(tok, 0.0)
+    backend = LlamaCppBackend(model.config, "cpu", "same")
+    _rollout(backend, model, ids, mask, params)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert set(backend._cache) == frozen
+    cached = {n: backend._cache[n][0] for n in frozen}
+    # an optimizer step writes through .data: the trained block must be read again
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.data.mul_(-3.0)
+        model.model.norm.weight.data.add_(0.5)
+    ours = _rollout(backend, model, ids, mask, params)
+    assert all(backend._cache[n][0] is cached[n] for n in frozen)  # not converted again
+    theirs = hf_generate(model, ids, mask, params)
+    assert torch.equal(ours.sequences, theirs.sequences)
+
+
+def test_lora_adapters_are_folded_into_the_rollout_weights(tiny_model_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = apply_lora(_model(tiny_model_path), 4, 8.0, "", only_optimize=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids, mask = _prompts()
+    params = _params(tok, 0.0)
+    backend = LlamaCppBackend(model.config, "cpu", "same")
+    ours = _rollout(backend, model, ids, mask, params)
+    with lora_merged(model):
+        theirs = hf_generate(model, ids, mask, params)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert not backend._cache or all("lora" not in n for n in backend._cache)
+
+
+def test_more_rows_than_one_context_are_split_and_joined(tiny_model_path, tiny_tokenizer, monkeypatch):
+    tok = tiny_tokenizer
+    model = _model(tiny_model_path, eos=tok.eos_token_id)
+    ids, mask = _prompts(7, seed=4)
+    params = _params(tok, 0.0, n=10)
+    backend = LlamaCppBackend(model.config, "cpu", "same")
+    whole = _rollout(backend, model, ids, mask, params)
+    monkeypatch.setattr(llamacpp, "_MAX_SEQS", 3)
+    parts = _rollout(backend, model, ids, mask, params, share=False)
+    assert torch.equal(parts.sequences, whole.sequences)
+    valid = _answer_mask(whole.sequences, ids.shape[1], tok.eos_token_id)
+    assert (parts.logprobs - whole.logprobs)[valid].abs().max() < 1e-5
+
+
+def test_models_it_cannot_convert_are_named_with_the_reason(tiny_model_path):
+    from chatrl.models import resolve_model_path
+    from chatrl.models.load import load_config
+
+    assert unsupported(load_config(tiny_model_path), "cpu") is None
+    why = unsupported(load_config(resolve_model_path("tiny-gpt2")), "cpu")
+    assert why is not None and "gpt2" in why
+    assert "llama.cpp serves CPU rollouts" in unsupported(load_config(tiny_model_path), "meta")

@@ -73,7 +73,9 @@ def parse_args(argv=None):
                         "as GRPO: prompts / --grpo-generations prompts, that many answers each. "
                         "An '@topN' suffix (fp32:16@top8) trains only the top N blocks of actor and "
                         "critic, sharing the frozen trunk; '@topN+noshare' without sharing it; "
-                        "'fp16w' (fp32:4@fp16w, fp32:16@top8+fp16w) decodes with --rollout-weights fp16")
+                        "'fp16w' (fp32:4@fp16w, fp32:16@top8+fp16w) decodes with --rollout-weights fp16, "
+                        "'q8w' with q8_0; 'llamacpp' (fp32:4@llamacpp, fp32:16@top8+llamacpp+fp16w) "
+                        "rolls out through --generation-backend llamacpp")
     p.add_argument("--grpo-generations", type=int, default=4, help="answers per prompt of grpo/ workloads")
     p.add_argument("--prototypes", default="",
                    help="comma-separated prototype sets (names joined by '+'; known: no-gc, "
@@ -326,12 +328,24 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
             for p in trained:
                 p.requires_grad_(True)
 
+    # --generation-backend llamacpp: each call converts and loads the weights (every weight is
+    # trained here, so all of them), as each rollout does, then decodes
+    from chatrl.engine import llamacpp
+    from chatrl.models.load import unwrap
+
+    llama = ({kind: HybridEngine(engine, backend="llamacpp", rollout_weights=kind) for kind in llamacpp.KINDS}
+             if llamacpp.unsupported(unwrap(module).config, "cpu") is None else {})
+
+    def llama_sampled(kind):
+        return llama[kind].generate(ids, mask, sampled, return_logprobs=True)
+
     fns = {"hf": plain,
            "hybrid": lambda: hybrid.generate(ids, mask, params).sequences,
            "hybrid_logprobs": lambda: hybrid.generate(ids, mask, params, return_logprobs=True).sequences,
            "hf_sampled": plain_sampled,
            "hybrid_sampled": lambda: hybrid.generate(ids, mask, sampled, return_logprobs=True).sequences,
-           "fp16w_frozen": lambda: fp16_frozen().sequences}
+           "fp16w_frozen": lambda: fp16_frozen().sequences,
+           **{f"llamacpp_{k}": (lambda k=k: llama_sampled(k).sequences) for k in llama}}
     for fn in fns.values():   # warm-up
         fn()
     best = _best_alternating(fns, args.repeats)
@@ -340,18 +354,27 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
     if not same:
         raise AssertionError("hybrid engine and model.generate produced different tokens")
     new = args.gen_batch * args.gen_tokens
-    # fidelity of the fp16 copies: recorded log-probs against the fp32 model's on the same tokens
-    torch.manual_seed(args.seed)
-    g16 = fp16_frozen()
-    module.eval()
-    with torch.no_grad():
-        logits = module(input_ids=g16.sequences, attention_mask=torch.cat(
-            [mask, torch.ones_like(g16.sequences[:, ids.shape[1]:])], 1)).logits
-    module.train()
-    P = ids.shape[1]
-    lp = torch.log_softmax(logits[:, P - 1:-1].float() / 0.7, -1).gather(
-        -1, g16.sequences[:, P:, None])[..., 0]
-    gap = (lp - g16.logprobs).abs()
+    # fidelity: recorded log-probs against the fp32 model's on the same tokens
+    def gap_of(fn):
+        torch.manual_seed(args.seed)
+        g = fn()
+        module.eval()
+        with torch.no_grad():
+            logits = module(input_ids=g.sequences, attention_mask=torch.cat(
+                [mask, torch.ones_like(g.sequences[:, ids.shape[1]:])], 1)).logits
+        module.train()
+        P = ids.shape[1]
+        lp = torch.log_softmax(logits[:, P - 1:-1].float() / 0.7, -1).gather(
+            -1, g.sequences[:, P:, None])[..., 0]
+        return (lp - g.logprobs).abs()
+
+    gap = gap_of(fp16_frozen)
+    llama_res = {}
+    for k in llama:
+        g = gap_of(lambda k=k: llama_sampled(k))
+        llama_res[k] = {"s": best[f"llamacpp_{k}"][0], "new_tokens_per_s": new / best[f"llamacpp_{k}"][0],
+                        "ratio_to_rollout_path": best["hybrid_sampled"][0] / best[f"llamacpp_{k}"][0],
+                        "logprob_gap_mean": g.mean().item(), "logprob_gap_max": g.max().item()}
     res = {"prompts": args.gen_batch, "prompt_len": args.prompt_len, "new_tokens": args.gen_tokens,
            "hf_s": best["hf"][0], "hybrid_s": best["hybrid"][0],
            "hybrid_logprobs_s": best["hybrid_logprobs"][0],
@@ -365,8 +388,9 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
            "fp16w_frozen_s": best["fp16w_frozen"][0],
            "ratio_fp16w_frozen": best["hybrid_sampled"][0] / best["fp16w_frozen"][0],
            "fp16w_frozen_new_tokens_per_s": new / best["fp16w_frozen"][0],
-           "fp16w_logprob_gap_mean": gap.mean().item(), "fp16w_logprob_gap_max": gap.max().item()}
-    del engine, model, hybrid, hybrid16
+           "fp16w_logprob_gap_mean": gap.mean().item(), "fp16w_logprob_gap_max": gap.max().item(),
+           "llamacpp_sampled": llama_res}
+    del engine, model, hybrid, hybrid16, llama
     gc.collect()
     return res
 
@@ -374,7 +398,7 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
 # ----------------------------------------------------------------------------- (c) workload
 
 def ppo_config(path: str, dtype: str, prompts: int, args, algo: str = "ppo", top: int = -1,
-               share: bool = True, rollout_weights: str = "same"):
+               share: bool = True, rollout_weights: str = "same", generation_backend: str = "hf"):
     """PPO: `prompts` prompts, one answer each, the model as critic and reward model (a random
     value head is allowed). GRPO: prompts / G prompts with G answers each (the same number of
     answers), no critic, no reference model (KL 0), rewards from a function (letter_share)."""
@@ -386,7 +410,7 @@ def ppo_config(path: str, dtype: str, prompts: int, args, algo: str = "ppo", top
               "max_answer_seq_len": args.answer_len, "dtype": dtype, "num_warmup_steps": 0,
               "seed": args.seed, "enable_ema": False, "print_answers": False,
               "actor_num_layers_unfrozen": top, "share_frozen_trunk": share,
-              "rollout_weights": rollout_weights}
+              "rollout_weights": rollout_weights, "generation_backend": generation_backend}
     if algo == "grpo":
         g = args.grpo_generations
         if prompts % g:
@@ -409,12 +433,13 @@ class LetterShare:
 
 
 def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict, algo: str = "ppo",
-                 top: int = -1, share: bool = True, rollout_weights: str = "same") -> dict:
+                 top: int = -1, share: bool = True, rollout_weights: str = "same",
+                 generation_backend: str = "hf") -> dict:
     from chatrl.engine import ds
     from chatrl.engine.flops import matmul_params, train_flops_per_token
     from chatrl.steps.ppo import PPOTrainer, build_models, update_epochs
 
-    cfg = ppo_config(path, dtype, prompts, args, algo, top, share, rollout_weights)
+    cfg = ppo_config(path, dtype, prompts, args, algo, top, share, rollout_weights, generation_backend)
     ds.seed_everything(args.seed)
     n_iters = args.iters + 1
     mb = cfg.per_device_training_batch_size
@@ -479,7 +504,7 @@ def run_workload(args, path: str, tok, dtype: str, prompts: int, peaks: dict, al
         if trainer.score_skips_reference_trunk:  # the actor's trunk recorded in the rollout
             f_score -= skipped["actor"] * T
     peak = peaks[dtype]["flops"]
-    res = {"algo": algo, "dtype": dtype, "layers_unfrozen": top, "rollout_weights": rollout_weights, "trunk_shared": sorted(trainer.trunk), "prompts": prompts, "group_size": cfg.num_generations if algo == "grpo" else 1, "train_batch": mb, "ppo_epochs": cfg.ppo_epochs,
+    res = {"algo": algo, "dtype": dtype, "layers_unfrozen": top, "rollout_weights": trainer.models.hybrid.rollout_weights, "generation_backend": trainer.models.hybrid.backend_name, "trunk_shared": sorted(trainer.trunk), "prompts": prompts, "group_size": cfg.num_generations if algo == "grpo" else 1, "train_batch": mb, "ppo_epochs": cfg.ppo_epochs,
            "prompt_len": args.prompt_len,
            "answer_len": args.answer_len, "iterations": len(iters), "build_s": t_build.s,
            "matmul_params_actor": Na, "matmul_params_critic": Nc,
@@ -512,6 +537,8 @@ def workload_label(w: dict) -> str:
             " (trunk shared)" if w.get("trunk_shared") else " (trunk not shared)")
     if w.get("rollout_weights", "same") != "same":
         label += f", {w['rollout_weights']} rollout weights"
+    if w.get("generation_backend", "hf") != "hf":
+        label += f", {w['generation_backend']} rollouts"
     if w.get("algo") == "grpo":
         label += f" GRPO ({w['prompts'] // w['group_size']} x {w['group_size']})"
     return label
@@ -543,6 +570,11 @@ def _print_report(res: dict) -> None:
               f"({b['fp16w_frozen_new_tokens_per_s']:.1f} tok/s, {b['ratio_fp16w_frozen']:.2f}x the rollout "
               f"path) | log-prob gap to fp32 mean {b['fp16w_logprob_gap_mean']:.2g}, "
               f"max {b['fp16w_logprob_gap_max']:.2g}")
+        for k, v in b.get("llamacpp_sampled", {}).items():
+            print(f"    --generation-backend llamacpp --rollout-weights {k} (weights converted and loaded "
+                  f"each call): {v['s']:.2f} s ({v['new_tokens_per_s']:.1f} tok/s, "
+                  f"{v['ratio_to_rollout_path']:.2f}x the rollout path) | log-prob gap to fp32 mean "
+                  f"{v['logprob_gap_mean']:.2g}, max {v['logprob_gap_max']:.2g}")
     if res.get("workloads"):
         w0 = res["workloads"][0]
         print(f"(c) PPO iteration, {w0['prompt_len']}-token prompts, {w0['answer_len']}-token answers, "
@@ -609,9 +641,9 @@ def main(argv=None) -> int:
     for w in args.workloads.split(","):
         w, _, frozen = w.strip().partition("@")
         opts = frozen.split("+") if frozen else []
-        if any(o not in ("noshare", "fp16w") and not (o.startswith("top") and o[3:].isdigit())
+        if any(o not in ("noshare", "fp16w", "q8w", "llamacpp") and not (o.startswith("top") and o[3:].isdigit())
                for o in opts):
-            raise SystemExit(f"--workloads: {frozen!r}: use @topN, @topN+noshare, @fp16w")
+            raise SystemExit(f"--workloads: {frozen!r}: use @topN, @topN+noshare, @fp16w, @q8w, @llamacpp")
         top = next((int(o[3:]) for o in opts if o.startswith("top")), -1)
         algo = "grpo" if w.startswith("grpo/") else "ppo"
         d, n, proto = (w.removeprefix("grpo/").split(":") + [""])[:3]
@@ -619,7 +651,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"--workloads: {w!r} is not [grpo/]dtype:prompts[:prototypes] (e.g. fp32:4)")
         B.prototypes(proto)   # validates the names
         workloads.append((d, int(n), proto, algo, top, "noshare" not in opts,
-                          "fp16" if "fp16w" in opts else "same"))
+                          "fp16" if "fp16w" in opts else "q8_0" if "q8w" in opts else "same",
+                          "llamacpp" if "llamacpp" in opts else "hf"))
     if args.prototypes:     # the reference configuration again, with library prototypes patched in
         for proto in args.prototypes.split(","):
             B.prototypes(proto)
@@ -651,9 +684,9 @@ def main(argv=None) -> int:
         _print_report({"hybrid_vs_hf": res["hybrid_vs_hf"]})
     if "workload" in parts:
         res["workloads"] = []
-        for d, n, proto, algo, top, share, rollout_weights in workloads:
+        for d, n, proto, algo, top, share, rollout_weights, backend in workloads:
             with B.prototypes(proto):
-                w = run_workload(args, path, tok, d, n, peaks, algo, top, share, rollout_weights)
+                w = run_workload(args, path, tok, d, n, peaks, algo, top, share, rollout_weights, backend)
             w["prototypes"] = proto
             res["workloads"].append(w)
             label = workload_label(w)

@@ -73,8 +73,11 @@ def parse_args(argv=None):
                         "--actor/critic-num-layers-unfrozen N, which also shares the frozen trunk)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat each workload's pair of measurements; even rounds run chatrl first")
-    p.add_argument("--rollout-weights", default="same", choices=("same", "fp16"),
-                   help="chatrl's --rollout-weights (fp16: fbgemm fp16 copies for decode steps)")
+    p.add_argument("--rollout-weights", default="same", choices=("same", "fp16", "q8_0"),
+                   help="chatrl's --rollout-weights (fp16: fbgemm fp16 copies for decode steps, or "
+                        "fp16 weights in llama.cpp; q8_0: llama.cpp only)")
+    p.add_argument("--generation-backend", default="hf", choices=("hf", "llamacpp"),
+                   help="chatrl's --generation-backend (llamacpp: rollouts through llama.cpp)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/trl-ppo-<host>.json)")
     args = p.parse_args(argv)
@@ -315,7 +318,7 @@ def run_trl(args, trl_mods, path: str, tok, prompts: int, chatrl_cfg, peak: floa
 def run_chatrl(args, path: str, tok, prompts: int, peaks: dict) -> dict:
     pargs = _bench_ppo_args(args)
     w = P.run_workload(pargs, path, tok, "fp32", prompts, peaks, "ppo", args.layers_unfrozen,
-                       rollout_weights=args.rollout_weights)
+                       rollout_weights=args.rollout_weights, generation_backend=args.generation_backend)
     w["side"] = "chatrl"
     w["backward_s"] = w["breakdown_s"]["actor_backward_s"] + w["breakdown_s"]["critic_backward_s"]
     w["step_s"] = w["breakdown_s"]["actor_step_s"] + w["breakdown_s"]["critic_step_s"]

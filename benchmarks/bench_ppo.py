@@ -328,16 +328,24 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
             for p in trained:
                 p.requires_grad_(True)
 
-    # --generation-backend llamacpp: each call converts and loads the weights (every weight is
-    # trained here, so all of them), as each rollout does, then decodes
+    # --generation-backend llamacpp: each call converts and loads the weights, as each rollout
+    # does, then decodes. With every weight frozen (as fp16_frozen) the conversion is cached and
+    # only the load remains; "same, every weight trained" converts all of them each call.
     from chatrl.engine import llamacpp
     from chatrl.models.load import unwrap
 
     llama = ({kind: HybridEngine(engine, backend="llamacpp", rollout_weights=kind) for kind in llamacpp.KINDS}
              if llamacpp.unsupported(unwrap(module).config, "cpu") is None else {})
 
-    def llama_sampled(kind):
-        return llama[kind].generate(ids, mask, sampled, return_logprobs=True)
+    def llama_sampled(kind, frozen=True):
+        trained = [p for p in module.parameters() if p.requires_grad] if frozen else []
+        for p in trained:
+            p.requires_grad_(False)
+        try:
+            return llama[kind].generate(ids, mask, sampled, return_logprobs=True)
+        finally:
+            for p in trained:
+                p.requires_grad_(True)
 
     fns = {"hf": plain,
            "hybrid": lambda: hybrid.generate(ids, mask, params).sequences,
@@ -345,7 +353,8 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
            "hf_sampled": plain_sampled,
            "hybrid_sampled": lambda: hybrid.generate(ids, mask, sampled, return_logprobs=True).sequences,
            "fp16w_frozen": lambda: fp16_frozen().sequences,
-           **{f"llamacpp_{k}": (lambda k=k: llama_sampled(k).sequences) for k in llama}}
+           **{f"llamacpp_{k}": (lambda k=k: llama_sampled(k).sequences) for k in llama},
+           **({"llamacpp_same_trained": lambda: llama_sampled("same", frozen=False).sequences} if llama else {})}
     for fn in fns.values():   # warm-up
         fn()
     best = _best_alternating(fns, args.repeats)
@@ -370,8 +379,8 @@ def run_hybrid_vs_hf(args, path: str, tok) -> dict:
 
     gap = gap_of(fp16_frozen)
     llama_res = {}
-    for k in llama:
-        g = gap_of(lambda k=k: llama_sampled(k))
+    for k in [*llama, *(["same_trained"] if llama else [])]:
+        g = gap_of(lambda k=k: llama_sampled(k.removesuffix("_trained"), frozen=k in llama))
         llama_res[k] = {"s": best[f"llamacpp_{k}"][0], "new_tokens_per_s": new / best[f"llamacpp_{k}"][0],
                         "ratio_to_rollout_path": best["hybrid_sampled"][0] / best[f"llamacpp_{k}"][0],
                         "logprob_gap_mean": g.mean().item(), "logprob_gap_max": g.max().item()}
@@ -571,8 +580,10 @@ def _print_report(res: dict) -> None:
               f"path) | log-prob gap to fp32 mean {b['fp16w_logprob_gap_mean']:.2g}, "
               f"max {b['fp16w_logprob_gap_max']:.2g}")
         for k, v in b.get("llamacpp_sampled", {}).items():
-            print(f"    --generation-backend llamacpp --rollout-weights {k} (weights converted and loaded "
-                  f"each call): {v['s']:.2f} s ({v['new_tokens_per_s']:.1f} tok/s, "
+            what = ("every weight trained: all converted and loaded each call" if k.endswith("_trained")
+                    else "every weight frozen: converted once, loaded each call")
+            print(f"    --generation-backend llamacpp --rollout-weights {k.removesuffix('_trained')} ({what}): "
+                  f"{v['s']:.2f} s ({v['new_tokens_per_s']:.1f} tok/s, "
                   f"{v['ratio_to_rollout_path']:.2f}x the rollout path) | log-prob gap to fp32 mean "
                   f"{v['logprob_gap_mean']:.2g}, max {v['logprob_gap_max']:.2g}")
     if res.get("workloads"):

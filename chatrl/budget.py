@@ -20,6 +20,7 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -75,14 +76,21 @@ class Rates:
     # one rollout decode step at batch B with --rollout-weights fp16 (frozen layers through fp16
     # copies); empty: rollouts decode as decode_s
     rollout_decode_s: dict[int, float] = field(default_factory=dict)
+    # --generation-backend llamacpp: converting and loading the actor's weights, once per rollout
+    rollout_sync_s: float = 0.0
+    rollout_backend: str = "hf"
 
 
 def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int = 64,
-          layers_unfrozen: int = 8, rollout_weights: tuple[str, int, int] | None = None) -> Rates:
+          layers_unfrozen: int = 8, rollout_weights: tuple[str, int, int] | None = None,
+          generation_backend: str = "hf") -> Rates:
     """Time the base model on this machine (see the module docstring).
 
     rollout_weights=("fp16", B, N): also time a decode step at batch B with fp16 copies of the
-    layers frozen below the top N blocks, as step 3's rollouts run it (--rollout-weights fp16)."""
+    layers frozen below the top N blocks, as step 3's rollouts run it (--rollout-weights fp16).
+    With generation_backend="llamacpp" (where it applies): a decode step at batch B through
+    llama.cpp with those rollout weights, and one rollout's weight conversion with the layers
+    below the top N frozen."""
     from .engine import ds
     from .engine.flops import forward_flops, matmul_params
     from .engine.hybrid import GenerationParams, hf_generate
@@ -140,13 +148,14 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
         t_fwd = timed(lambda: model(input_ids=x_fwd, use_cache=False),
                       lambda: model(input_ids=x_small, use_cache=False))
 
-        def decode_step(b: int) -> float:
+        def decode_step(b: int, generate=None) -> float:
             """One decode step at batch b: 10 new tokens minus 2 (prefill, warm-up cancel) over 8."""
             prompt = ids(b, 32)
 
             def gen(k):  # the rollout path (sampled, log-probs recorded); k new tokens, no EOS
-                hf_generate(model, prompt, torch.ones_like(prompt),
-                            GenerationParams(max_new_tokens=k, pad_token_id=0), return_logprobs=True)
+                (generate or partial(hf_generate, model))(
+                    prompt, torch.ones_like(prompt), GenerationParams(max_new_tokens=k, pad_token_id=0),
+                    return_logprobs=True)
 
             short = timed(lambda: gen(2), lambda: gen(1))
             long = timed(lambda: gen(10), lambda: None)
@@ -154,8 +163,20 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
 
         for b in sorted(set(decode_batches)):
             decode[b] = decode_step(b)
-        rollout_decode = {}
-        if rollout_weights is not None and _fp16_rollouts_apply(rollout_weights[0], dtype):
+        rollout_decode, sync_s = {}, 0.0
+        if rollout_weights is not None and _llamacpp_rollouts_apply(generation_backend, model.config):
+            from .engine.llamacpp import KINDS, LlamaCppBackend
+
+            kind, b, unfrozen = rollout_weights
+            backend = LlamaCppBackend(model.config, dev, kind if kind in KINDS else "same")
+            model.requires_grad_(True)
+            if unfrozen >= 0:
+                freeze_lower_layers(model, unfrozen)
+            backend.share(model)  # the first rollout converts every tensor, later ones the trained
+            sync_s = timed(lambda: backend.share(model), lambda: None)
+            rollout_decode[b] = decode_step(b, backend.generate)
+            backend.release()
+        elif rollout_weights is not None and _fp16_rollouts_apply(rollout_weights[0], dtype):
             from .engine.rollout_weights import Fp16RolloutWeights
 
             _, b, unfrozen = rollout_weights
@@ -167,7 +188,19 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
     return Rates(dtype=dtype, train_flops_per_s=trunk_fpt * x_train.numel() / t_train,
                  forward_flops_per_s=forward_flops(n, x_fwd.numel()) / t_fwd,
                  optimizer_s_per_param=t_opt / max(n_trained, 1), decode_s=decode,
-                 probe_s=time.perf_counter() - t0, rollout_decode_s=rollout_decode)
+                 probe_s=time.perf_counter() - t0, rollout_decode_s=rollout_decode,
+                 rollout_sync_s=sync_s, rollout_backend="llamacpp" if sync_s else "hf")
+
+
+def _llamacpp_rollouts_apply(backend: str, config) -> bool:
+    """Whether step 3 will roll out through llama.cpp (engine.rlhf.resolve_generation, without
+    its note)."""
+    if backend != "llamacpp":
+        return False
+    from .engine import ds
+    from .engine.llamacpp import unsupported
+
+    return unsupported(config, ds.device()) is None
 
 
 def _fp16_rollouts_apply(kind: str, dtype: str) -> bool:
@@ -339,12 +372,13 @@ class Planner:
             from .engine.trunk import rollout_records_trunk
 
             kind = "fp16" if _fp16_rollouts_apply(cfg.rollout_weights, r.dtype) else "same"
-            if rollout_records_trunk(r.dtype, kind, getattr(cfg, "generation_backend", "hf")):
+            if rollout_records_trunk(r.dtype, kind, r.rollout_backend):
                 a_score -= a_frozen  # the rollout records the actor's trunk: the reference skips it
         seq_tokens = gb * (P + A * DECODE_FRACTION)
         t_gen = (gb * P * a_fwd / r.forward_flops_per_s
-                 + cfg.generation_batches * A * DECODE_FRACTION
-                 * decode_time(r, cfg.per_device_generation_batch_size, rollout=True))
+                 + cfg.generation_batches * (A * DECODE_FRACTION
+                                             * decode_time(r, cfg.per_device_generation_batch_size, rollout=True)
+                                             + r.rollout_sync_s))
         t_score = seq_tokens * (a_score + c_score) / r.forward_flops_per_s
         opt_steps = cfg.ppo_epochs * max(1, gb // cfg.per_device_training_batch_size) // cfg.gradient_accumulation_steps
         t_train = (cfg.ppo_epochs * seq_tokens * (a_train + c_train) / r.train_flops_per_s

@@ -237,7 +237,8 @@ def _estimate(args, plans: dict, to_run: list[str], budget: float | None, prefix
         rollout = None if ppo is None else (ppo.rollout_weights, ppo.per_device_generation_batch_size,
                                             ppo.actor_num_layers_unfrozen)
         rates = B.probe(resolve_model_path(plans["sft"].model_name_or_path),
-                        ds.resolve_dtype(plans["sft"].dtype), batches or (1,), rollout_weights=rollout)
+                        ds.resolve_dtype(plans["sft"].dtype), batches or (1,), rollout_weights=rollout,
+                        generation_backend="hf" if ppo is None else ppo.generation_backend)
         plan = B.plan_train(plans, rates, steps, report, budget,
                             planned_ppo=None if args.restart else _resumed_iters(ppo))
     except (ChatRLError, OSError, RuntimeError, ValueError) as e:  # the steps will say it better

@@ -9,8 +9,9 @@ weights where Transformers did 44 (benchmarks/README.md).
 How a rollout runs:
 - `share(module)` (ZeRO 0-2) or `sync_weights(tensors)` (the ZeRO-3 gathered copy) writes the
   actor's current weights as a GGUF file into a private folder (/dev/shm where there is one) and
-  loads it (no mmap, so the file is removed at once). LoRA adapters are folded in
-  (`merged_state_dict`); frozen tensors are converted once and kept, trained ones every rollout.
+  maps it; the file is unlinked at once (the mapping keeps its pages until the model is freed).
+  LoRA adapters are folded in (`merged_state_dict`); frozen tensors are converted once and kept,
+  trained ones at every rollout.
 - `generate` feeds each row's prompt without its padding (positions from 0, as Transformers does
   for left-padded rows), then one token per unfinished row per step, and draws every token in
   torch through `rollout_processors`: the same recorder, min_new_tokens and sampler as the
@@ -37,6 +38,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -217,15 +219,18 @@ class LlamaCppBackend:
     def _load(self, state: dict, frozen: frozenset) -> None:
         L = _lib()
         self.release()
-        if self._dir is None:
+        if self._dir is None:  # removed when the backend goes, or at exit
             self._dir = _scratch_dir()
+            weakref.finalize(self, shutil.rmtree, self._dir, True)
         self._loads += 1
         path = os.path.join(self._dir, f"actor-{self._loads}.gguf")
         try:
             write_gguf(path, state, self.config, self.kind, self._cache, frozen)
             params = L.llama_model_default_params()
             params.n_gpu_layers = 0
-            params.use_mmap = False  # read into llama.cpp's own buffers: the file can go at once
+            # mapped, not copied: the file is unlinked right after (the mapping keeps its pages
+            # until the model is freed), so nothing is left behind even if the run is killed later
+            params.use_mmap = True
             self.model = L.llama_model_load_from_file(path.encode(), params)
         finally:
             if os.path.exists(path):
@@ -329,8 +334,6 @@ class LlamaCppBackend:
     def __del__(self):
         try:
             self.release()
-            if self._dir is not None:
-                shutil.rmtree(self._dir, ignore_errors=True)
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 

@@ -62,3 +62,20 @@ def test_the_probe_times_fp16_rollout_weights_only_where_step_3_uses_them():
     for other in (("same", 3, 1), ("fp16", 3, -1)):
         assert probe(path, "fp32", (2,), seq=16, layers_unfrozen=1, rollout_weights=other).rollout_decode_s == {}
     assert probe(path, "bf16", (2,), seq=16, layers_unfrozen=1, rollout_weights=("fp16", 3, 1)).rollout_decode_s == {}
+
+
+def test_the_probe_times_llamacpp_rollouts_and_their_weight_conversion_where_they_apply():
+    """--generation-backend llamacpp: the probe times a decode step through llama.cpp at the
+    rollout batch and one rollout's conversion of the weights (the trained blocks'); an actor
+    llama.cpp cannot take (GPT-2) is probed as Transformers will run it."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from chatrl.budget import probe
+    from chatrl.models import resolve_model_path
+
+    r = probe(resolve_model_path("tiny-llama"), "fp32", (2,), seq=16, layers_unfrozen=1,
+              rollout_weights=("q8_0", 3, 1), generation_backend="llamacpp")
+    assert r.rollout_backend == "llamacpp" and set(r.rollout_decode_s) == {3}
+    assert r.rollout_decode_s[3] > 0 and r.rollout_sync_s > 0
+    r = probe(resolve_model_path("tiny-gpt2"), "fp32", (2,), seq=16, layers_unfrozen=1,
+              rollout_weights=("same", 3, 1), generation_backend="llamacpp")
+    assert r.rollout_backend == "hf" and r.rollout_decode_s == {} and r.rollout_sync_s == 0

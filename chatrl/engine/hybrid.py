@@ -11,8 +11,9 @@ Generation mode (a context manager around each rollout):
 - caches are freed after the rollout (and the inference copy too with release_inference_cache).
 
 Generation sits behind `GenerationBackend`: `sync_weights(named tensors)` after each update, then
-`generate(...)`. The Hugging Face backend works everywhere (CPU included); a vLLM backend slots in
-by implementing the same two calls.
+`generate(...)`. The Hugging Face backend works everywhere (CPU included); the llama.cpp backend
+(chatrl.engine.llamacpp, `--generation-backend llamacpp`) serves Llama-architecture actors on CPUs;
+a vLLM backend slots in by implementing the same calls.
 """
 
 from __future__ import annotations

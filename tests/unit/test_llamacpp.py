@@ -197,3 +197,17 @@ def test_models_it_cannot_convert_are_named_with_the_reason(tiny_model_path):
     why = unsupported(load_config(resolve_model_path("tiny-gpt2")), "cpu")
     assert why is not None and "gpt2" in why
     assert "llama.cpp serves CPU rollouts" in unsupported(load_config(tiny_model_path), "meta")
+
+
+def test_gathered_weights_sync_as_the_shared_module_does(tiny_model_path, tiny_tokenizer):
+    """ZeRO-3's path: `sync_weights(full state dict)` instead of `share(module)`: the same rollout."""
+    tok = tiny_tokenizer
+    model = _model(tiny_model_path, eos=tok.eos_token_id)
+    ids, mask = _prompts()
+    params = _params(tok)
+    shared = _rollout(LlamaCppBackend(model.config, "cpu", "same"), model, ids, mask, params)
+    synced = LlamaCppBackend(model.config, "cpu", "same")
+    synced.sync_weights(model.state_dict().items())
+    gathered = _rollout(synced, model, ids, mask, params, share=False)
+    assert torch.equal(gathered.sequences, shared.sequences)
+    assert torch.equal(gathered.logprobs, shared.logprobs)

@@ -263,7 +263,7 @@ class LlamaCppBackend:
 
     def _decode(self, input_ids, attention_mask, params, processors) -> torch.Tensor:
         L = _lib()
-        n_rows, width = input_ids.shape
+        n_rows = input_ids.shape[0]
         prompts = [input_ids[i][attention_mask[i].bool()].tolist() for i in range(n_rows)]
         if any(len(p) == 0 for p in prompts):
             raise ValueError("llama.cpp backend: a prompt row has no tokens")

@@ -163,8 +163,9 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
 
         for b in sorted(set(decode_batches)):
             decode[b] = decode_step(b)
-        rollout_decode, sync_s = {}, 0.0
+        rollout_decode, sync_s, rollout_backend = {}, 0.0, "hf"
         if rollout_weights is not None and _llamacpp_rollouts_apply(generation_backend, model.config):
+            rollout_backend = "llamacpp"
             from .engine.llamacpp import KINDS, LlamaCppBackend
 
             kind, b, unfrozen = rollout_weights
@@ -189,7 +190,7 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
                  forward_flops_per_s=forward_flops(n, x_fwd.numel()) / t_fwd,
                  optimizer_s_per_param=t_opt / max(n_trained, 1), decode_s=decode,
                  probe_s=time.perf_counter() - t0, rollout_decode_s=rollout_decode,
-                 rollout_sync_s=sync_s, rollout_backend="llamacpp" if sync_s else "hf")
+                 rollout_sync_s=sync_s, rollout_backend=rollout_backend)
 
 
 def _llamacpp_rollouts_apply(backend: str, config) -> bool:

@@ -4,8 +4,11 @@
   script.py`): greedy answers and their log-probs equal a 1-rank non-ZeRO run of the same weights
   and prompt batches, with the weights gathered once per rollout (gather_once=True) and per token
   (gather_once=False); tiny-llama (4 heads / 2 kv heads), tiny-qwen2 (1 kv head) and a LoRA actor
-  with non-zero adapters (merged into the gathered copy; unmerged, gathered per layer, per token). The ranks get different prompts and
-  answer lengths (8 vs 2 new tokens), so one finishes first: the run must end (bounded timeout).
+  with non-zero adapters (merged into the gathered copy; unmerged, gathered per layer, per token);
+  and, with llama-cpp-python installed, tiny-llama with and without LoRA decoded by llama.cpp
+  from each rank's converted copy of the gathered weights (--generation-backend llamacpp under
+  ZeRO-3). The ranks get different prompts and answer lengths (8 vs 2 new tokens), so one
+  finishes first: the run must end (bounded timeout).
 - LoRA in generation mode (non-ZeRO): adapters are merged into the weights (W + s * B @ A), the
   merged logits equal the unmerged model's within 1e-5, and on leaving the weights are back and the
   adapters unmerged; the module's training mode is restored.
@@ -20,6 +23,8 @@ import json
 
 import pytest
 import torch
+
+from chatrl.engine.llamacpp import available as llamacpp_available
 
 from ppo_helpers import (PYTHON, SCRIPTS, deepspeed_launcher, free_port, init_in_process, logs,
                          one_thread, start, kill_group)
@@ -61,14 +66,17 @@ def test_zero3_generation_equals_one_rank(zero3_vs_plain):
         for key, got in res.items():
             variant, mode, batch = key.split("/")
             assert int(batch) == rank  # each rank generated its own batch
-            want = ref[f"{variant}/once/{batch}"]
+            want = ref[f"{variant.removesuffix('@llamacpp')}/once/{batch}"]
             assert got["tokens"] == want["tokens"], key
             err = max(abs(a - b) for ra, rb in zip(got["logprobs"], want["logprobs"]) for a, b in zip(ra, rb))
             assert err < 1e-4, (key, err)
             assert got["training_after"], f"{key}: training mode not restored after generation"
             seen.add((variant, mode))
-    assert seen == {("tiny-llama", "once"), ("tiny-llama", "per-token"), ("tiny-qwen2", "once"),
-                    ("tiny-llama+lora", "once"), ("tiny-llama+lora", "per-token")}
+    want_seen = {("tiny-llama", "once"), ("tiny-llama", "per-token"), ("tiny-qwen2", "once"),
+                 ("tiny-llama+lora", "once"), ("tiny-llama+lora", "per-token")}
+    if llamacpp_available():  # each rank converted the gathered weights and decoded with llama.cpp
+        want_seen |= {("tiny-llama@llamacpp", "once"), ("tiny-llama+lora@llamacpp", "once")}
+    assert seen == want_seen
     # the answers are not degenerate (a wrong weight would show), and the ranks' lengths differ
     toks = ranks[0]["tiny-llama/once/0"]["tokens"]
     assert all(len(set(row)) >= 4 for row in toks), toks

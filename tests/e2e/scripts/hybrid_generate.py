@@ -4,7 +4,8 @@
     python hybrid_generate.py --out DIR --zero-stage 0                   (1-rank reference)
 
 Variants: tiny-llama (GQA 4/2 heads), tiny-qwen2 (1 kv head), tiny-llama with LoRA adapters whose B
-weights are random and non-zero. Rank r of a W-rank run generates batch r of BATCHES; a 1-rank run
+weights are random and non-zero; under ZeRO-3 also tiny-llama with and without LoRA decoded by
+llama.cpp (`<variant>@llamacpp`, where llama-cpp-python is installed). Rank r of a W-rank run generates batch r of BATCHES; a 1-rank run
 generates every batch, one batch at a time (the same padding as the multi-rank run). The batches
 differ in prompt lengths and in max_new_tokens, so one rank finishes generating well before the
 other. Writes DIR/rank<r>.json: {"<variant>/<mode>/<batch>": {"tokens", "logprobs", ...}}.
@@ -28,6 +29,9 @@ BATCHES = [
 # (model, LoRA, also per-token ZeRO-3 gathering): per-token gathering is slow on CPU (one
 # all-gather per layer per token), so tiny-qwen2 runs gather-once only.
 VARIANTS = [("tiny-llama", False, True), ("tiny-qwen2", False, False), ("tiny-llama", True, True)]
+# --generation-backend llamacpp (where llama-cpp-python is installed): under ZeRO-3 each rank
+# converts the gathered weights (LoRA folded in) and decodes its own batch with llama.cpp
+LLAMACPP_VARIANTS = [("tiny-llama", False), ("tiny-llama", True)]
 
 
 def sharpen(model, seed: int) -> None:
@@ -57,7 +61,7 @@ def main() -> None:
     ap.add_argument("--local_rank", type=int, default=-1)
     args = ap.parse_args()
 
-    from chatrl.engine import ds
+    from chatrl.engine import ds, llamacpp
     from chatrl.engine.hybrid import GenerationParams, HybridEngine
     from chatrl.models import load_causal_lm, load_tokenizer, resolve_model_path
     from chatrl.models.lora import apply_lora
@@ -66,7 +70,10 @@ def main() -> None:
     rank, world = ds.rank(), ds.world_size()
     batches = [rank] if world > 1 else list(range(len(BATCHES)))
     result = {}
-    for name, lora, per_token in VARIANTS:
+    runs = [(name, lora, per_token, "hf") for name, lora, per_token in VARIANTS]
+    if args.zero_stage == 3 and llamacpp.available():
+        runs += [(name, lora, False, "llamacpp") for name, lora in LLAMACPP_VARIANTS]
+    for name, lora, per_token, backend in runs:
         path = resolve_model_path(name)
         tok = load_tokenizer(path, padding_side="left")
         model = load_causal_lm(path, dtype="fp32", dropout=0.0, tokenizer=tok)
@@ -77,7 +84,7 @@ def main() -> None:
         engine = ds.build_engine(model, ds.EngineSpec(zero_stage=args.zero_stage, micro_batch=1))
         assert ds.is_zero3(engine.module) == (args.zero_stage == 3)
         for gather_once in ((True, False) if args.zero_stage == 3 and per_token else (True,)):
-            hybrid = HybridEngine(engine, gather_once=gather_once)
+            hybrid = HybridEngine(engine, gather_once=gather_once, backend=backend)
             for b in batches:
                 prompts, n_new = BATCHES[b]
                 enc = tok(prompts, return_tensors="pt", padding=True)
@@ -88,7 +95,8 @@ def main() -> None:
                 gen = hybrid.generate(enc["input_ids"], enc["attention_mask"], params,
                                       return_logprobs=True)
                 P = enc["input_ids"].shape[1]
-                key = f"{name}{'+lora' if lora else ''}/{'once' if gather_once else 'per-token'}/{b}"
+                key = (f"{name}{'+lora' if lora else ''}{'@llamacpp' if backend != 'hf' else ''}/"
+                       f"{'once' if gather_once else 'per-token'}/{b}")
                 result[key] = {"tokens": gen.sequences[:, P:].tolist(), "logprobs": gen.logprobs.tolist(),
                                "prompt": gen.sequences[:, :P].tolist(), "input": enc["input_ids"].tolist(),
                                "seconds": time.time() - t0, "training_after": engine.module.training}

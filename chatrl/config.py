@@ -224,7 +224,7 @@ class PPOConfig(CommonConfig):
     top_p: float = opt(1.0, "nucleus sampling of rollouts")
     top_k: int = opt(0, "top-k sampling of rollouts (0: off)")
     generation_backend: str = opt("hf", "rollout generation backend: hf (Transformers) or llamacpp "
-                                        "(llama.cpp on the CPU, Llama-architecture actors; needs "
+                                        "(llama.cpp on the CPU, Llama/Qwen2 actors; needs "
                                         "`pip install llama-cpp-python`)",
                                   choices=("hf", "llamacpp"))
     rollout_weights: str = opt("same", "weights the rollouts decode with: same (the trained ones) "

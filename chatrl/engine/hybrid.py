@@ -12,7 +12,7 @@ Generation mode (a context manager around each rollout):
 
 Generation sits behind `GenerationBackend`: `sync_weights(named tensors)` after each update, then
 `generate(...)`. The Hugging Face backend works everywhere (CPU included); the llama.cpp backend
-(chatrl.engine.llamacpp, `--generation-backend llamacpp`) serves Llama-architecture actors on CPUs;
+(chatrl.engine.llamacpp, `--generation-backend llamacpp`) serves Llama and Qwen2 actors on CPUs;
 a vLLM backend slots in by implementing the same calls.
 """
 

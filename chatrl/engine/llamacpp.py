@@ -25,8 +25,8 @@ What the rollout weights mean here (`--rollout-weights`):
 - `q8_0`: llama.cpp's 8-bit blocks of 32 (a quarter of the bytes); mean gap ~0.08 nats, so the
   old log-probs are recomputed by the training forward unless --recompute-old-logprobs false.
 
-Only the Llama architecture family (LlamaForCausalLM: Llama 2/3, SmolLM, TinyLlama...) converts;
-elsewhere `unsupported(config)` says why and the Transformers backend is used. The llama.cpp
+The Llama architecture family (LlamaForCausalLM: Llama 2/3, SmolLM, TinyLlama...) and Qwen2
+(Qwen2ForCausalLM: Qwen2, Qwen2.5, with their q/k/v biases) convert; elsewhere `unsupported(config)` says why and the Transformers backend is used. The llama.cpp
 Python bindings are an optional dependency: `pip install llama-cpp-python` (it compiles llama.cpp,
 ~4 minutes on 2 cores).
 """
@@ -54,6 +54,10 @@ KINDS = ("same", "fp16", "q8_0")
 _CONTEXT = {"same": (0, 0), "fp16": (1, -1), "q8_0": (1, -1)}
 _MAX_SEQS = 64  # rows per llama.cpp context (its limit is 256)
 
+# Transformers model_type -> llama.cpp architecture. Llama's rotary layout differs from
+# Transformers' (q/k rows re-interleaved on conversion); Qwen2's is the same (NEOX) and its
+# q/k/v projections carry biases.
+_ARCH = {"llama": "llama", "qwen2": "qwen2"}
 _BLOCK_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
@@ -70,13 +74,16 @@ def unsupported(config, device) -> str | None:
         return "llama-cpp-python is not installed (pip install llama-cpp-python)"
     if device is not None and torch.device(device).type != "cpu":
         return "the actor is on " + str(torch.device(device).type) + ", llama.cpp serves CPU rollouts"
-    if getattr(config, "model_type", None) != "llama":
-        return f"only Llama-architecture models convert (this one is {getattr(config, 'model_type', '?')!r})"
+    arch = getattr(config, "model_type", None)
+    if arch not in _ARCH:
+        return f"only Llama- and Qwen2-architecture models convert (this one is {arch or '?'!r})"
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         return f"rope scaling ({rope.get('rope_type', rope.get('type'))}) is not converted"
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        return "attention/MLP biases are not converted"
+    if arch == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
+        return "Llama attention/MLP biases are not converted"
+    if getattr(config, "use_sliding_window", False):
+        return "sliding-window attention is not converted"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act!r} is not converted"
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -96,7 +103,7 @@ def _interleave_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def gguf_name(name: str, config) -> str | None:
-    """The GGUF tensor name of a Transformers Llama parameter (None: not written)."""
+    """The GGUF tensor name of a Transformers Llama/Qwen2 parameter (None: not written)."""
     if name == "model.embed_tokens.weight":
         return "token_embd.weight"
     if name == "model.norm.weight":
@@ -104,10 +111,10 @@ def gguf_name(name: str, config) -> str | None:
     if name == "lm_head.weight":
         return None if config.tie_word_embeddings else "output.weight"
     parts = name.split(".")
-    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[-1] == "weight":
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[-1] in ("weight", "bias"):
         sub = _BLOCK_NAMES.get(".".join(parts[3:-1]))
         if sub is not None:
-            return f"blk.{parts[2]}.{sub}.weight"
+            return f"blk.{parts[2]}.{sub}.{parts[-1]}"
     raise ValueError(f"llama.cpp backend: no GGUF name for parameter {name!r}")
 
 
@@ -116,9 +123,9 @@ def _convert(name: str, tensor: torch.Tensor, config, kind: str) -> tuple[np.nda
     import gguf
 
     a = tensor.detach().to("cpu", torch.float32).numpy()
-    if name.endswith("self_attn.q_proj.weight"):
+    if config.model_type == "llama" and name.endswith("self_attn.q_proj.weight"):
         a = _interleave_rope(a, config.num_attention_heads)
-    elif name.endswith("self_attn.k_proj.weight"):
+    elif config.model_type == "llama" and name.endswith("self_attn.k_proj.weight"):
         a = _interleave_rope(a, config.num_key_value_heads)
     a = np.ascontiguousarray(a)
     if a.ndim != 2 or kind == "same":
@@ -131,11 +138,11 @@ def _convert(name: str, tensor: torch.Tensor, config, kind: str) -> tuple[np.nda
 
 def write_gguf(path: str | os.PathLike, state: dict, config, kind: str = "same",
                cache: dict | None = None, frozen: frozenset = frozenset()) -> None:
-    """Write a Llama model's weights (`state`: Transformers names) as GGUF. Tensors named in
-    `frozen` are converted once into `cache` and reused."""
+    """Write a Llama or Qwen2 model's weights (`state`: Transformers names) as GGUF. Tensors
+    named in `frozen` are converted once into `cache` and reused."""
     import gguf
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), _ARCH[config.model_type])
     w.add_block_count(config.num_hidden_layers)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)

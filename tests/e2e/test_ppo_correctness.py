@@ -235,5 +235,5 @@ def test_llamacpp_backend_falls_back_to_transformers_with_the_reason(tmp_path):
                gpt2, "--allow_untrained_reward_head", *PPO_FAST, "--max_steps", "1",
                "--generation_backend", "llamacpp",
                "--output_dir", tmp_path / "out"], env=child_env(), timeout=400)
-    assert "--generation-backend llamacpp ignored: only Llama-architecture models convert" in res.stderr
+    assert "--generation-backend llamacpp ignored: only Llama- and Qwen2-architecture models convert" in res.stderr
     assert len(metrics(tmp_path / "out")) == 1

@@ -1,4 +1,5 @@
-"""The llama.cpp rollout backend (chatrl.engine.llamacpp) on the tiny Llama (GQA, 2 blocks).
+"""The llama.cpp rollout backend (chatrl.engine.llamacpp) on the tiny Llama (GQA, 2 blocks) and
+the tiny Qwen2 (q/k/v biases, 1 KV head).
 
 - With `same` weights it samples the trained policy: the same tokens as the Transformers backend
   under the same seed (left-padded prompts of different lengths, rows that stop early), and
@@ -107,6 +108,31 @@ def test_same_weights_sample_the_trained_policy(tiny_model_path, tiny_tokenizer,
         hit = (row == tok.eos_token_id).nonzero()
         if len(hit):
             assert (row[hit[0, 0] + 1:] == tok.pad_token_id).all()
+
+
+def test_qwen2_with_its_biases_samples_the_trained_policy():
+    """Qwen2 (q/k/v biases, Transformers' rotary layout kept as is, 1 KV head): the same tokens
+    and log-probs as Transformers."""
+    from chatrl.models import load_tokenizer, resolve_model_path
+
+    path = resolve_model_path("tiny-qwen2")
+    tok = load_tokenizer(path)
+    model = _model(path, eos=tok.eos_token_id)
+    with torch.no_grad():  # sharp attention: a wrong rotary layout must show in the tokens
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.mul_(6.0)
+                proj.bias.mul_(6.0)
+    assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    ids, mask = _prompts()
+    params = _params(tok)
+    ours = _rollout(LlamaCppBackend(model.config, "cpu", "same"), model, ids, mask, params)
+    torch.manual_seed(0)
+    theirs = hf_generate(model, ids, mask, params, return_logprobs=True)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    valid = _answer_mask(ours.sequences, ids.shape[1], tok.eos_token_id)
+    ref = _full_forward_logprobs(model, ours.sequences, mask, ids.shape[1], 1.0)
+    assert (ours.logprobs - ref)[valid].abs().max() < 1e-4
 
 
 def test_greedy_min_new_tokens_and_temperature_match_transformers(tiny_model_path, tiny_tokenizer):

@@ -45,6 +45,11 @@ from .online import (PromptStream, collect_experience, load_prompts,  # noqa: F4
 from .stages import (Experience, answer_logits, answer_values, ended_with_eos,  # noqa: F401
                      logprob_gap_stats)  # (re-exported: the API, tests and benchmarks import them here)
 
+# warn (once) when at least this share of a rollout's reward-model scores lie beyond
+# --clip-reward-value: DeepSpeed-Chat's clip of 5 assumes scores near 0, but a reward model
+# trained on pairs alone has no anchored mean (the default run's averaged 2 to 8, by seed)
+CLIPPED_WARN = 0.5
+
 
 def _rollout_states(hidden: torch.Tensor | None, seq: torch.Tensor) -> torch.Tensor | None:
     """The frozen trunk's output recorded during a rollout ([N, positions forwarded, H]: the
@@ -183,6 +188,9 @@ class PPOTrainer:
             "tokens/generated": n_tokens.item(), "tokens/prompt": attention_mask.sum().item() * ro.group_size,
             **{k: v for k, v in ro.stats.items() if k.startswith("rollout/")},
         }
+        if algo.estimator == "gae" and cfg.clip_reward_value is not None:
+            # scores beyond the clip all count alike: a rollout mostly out there teaches little
+            self.last_stats["reward/clipped"] = (scores.abs() > cfg.clip_reward_value).float().mean().item()
         if ref_logprobs is not None:
             kl_tok = kl_penalty(logprobs, ref_logprobs, algo.kl_estimator) * act
             self.last_stats["policy/kl"] = kl_tok.sum(1).mean().item()
@@ -508,7 +516,7 @@ def run_ppo(cfg) -> Path:
 
         run.logger.log(0, evaluate_policy(trainer, eval_ds, cfg, seed=cfg.seed), kind="eval")
     bar = progress(n_iters, name, cfg.progress, initial=it, unit="iter")
-    gap_warned = False
+    gap_warned = clip_warned = False
     t_loop, it_first = time.time(), it
     while it < n_iters:
         t_iter = time.time()
@@ -564,6 +572,15 @@ def run_ppo(cfg) -> Path:
                        "before any update; the PPO ratio is off by that much. "
                        + ("Use --recompute-old-logprobs" if not trainer.recompute_old_logprobs
                           else "Check --dtype and dropout (--actor-dropout 0)"))
+        clipped = metrics.get("reward/clipped", 0.0)
+        if clipped >= CLIPPED_WARN and not clip_warned:
+            clip_warned = True
+            write_line(f"warning: iteration {it}: {clipped:.0%} of the reward scores lie beyond "
+                       f"--clip-reward-value {cfg.clip_reward_value:g} (mean score "
+                       f"{metrics['reward/score']:.3g}) and are clipped to it, so PPO cannot tell "
+                       "those answers apart. " + ("Raise --clip-reward-value" if cfg.normalize_reward else
+                                                  "Pass --normalize-reward to centre and scale the "
+                                                  "scores before the clip"))
         common.guard_metrics(run, f"iteration {it}", metrics)
         run.logger.log(it, metrics)
         n_iters = out_of_time(cfg, it, n_iters, t_step, (time.time() - t_loop) / (it - it_first), bar, name)

@@ -220,6 +220,28 @@ def test_missing_eos_penalty_and_reward_normalisation(inproc):
     assert tr.reward_moments.count == 8
 
 
+def test_share_of_clipped_scores_is_logged(inproc):
+    """reward/clipped is the share of the rollout's scores beyond --clip-reward-value (those the
+    clip makes indistinguishable); off for estimators that do not clip."""
+    from chatrl.models.reward import gather_last
+    from chatrl.steps.ppo import PPOTrainer
+
+    batch, _ = prompt_batch(inproc.tok)
+    torch.manual_seed(0)
+    exp = PPOTrainer(inproc.models, inproc.cfg).make_experience(batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        raw = gather_last(inproc.models.reward(exp.sequences, exp.attention_mask), exp.attention_mask).float()
+    clip = raw.abs().sort().values[1:3].mean().item()  # between the 2nd and 3rd largest |score|
+    tr = PPOTrainer(inproc.models, dataclasses.replace(inproc.cfg, clip_reward_value=clip))
+    torch.manual_seed(0)
+    exp = tr.make_experience(batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(exp.scores, raw, atol=1e-5)  # the same answers
+    assert tr.last_stats["reward/clipped"] == 0.5
+    tr = PPOTrainer(inproc.models, dataclasses.replace(inproc.cfg, clip_reward_value=raw.abs().max().item() + 1))
+    tr.make_experience(batch["input_ids"], batch["attention_mask"])
+    assert tr.last_stats["reward/clipped"] == 0.0
+
+
 def test_second_ppo_epoch_clips_and_losses_stay_finite(inproc):
     tr, cfg = inproc.trainer, inproc.cfg
     assert cfg.ppo_epochs == 2
@@ -354,6 +376,18 @@ def test_cli_adaptive_kl_coefficient(run_a):
         assert r["policy/kl_coef"] == pytest.approx(coef, rel=1e-9), r["step"]
         seen.append(r["policy/kl_coef"])
     assert len(set(seen)) == 3 and seen[-1] < 0.1
+
+
+def test_cli_warns_once_when_most_scores_are_clipped(ppo_models, tmp_path):
+    """A reward model whose scores mostly lie beyond --clip-reward-value gives PPO almost no
+    signal (every such answer gets the same reward): the run says so once, naming the fix."""
+    actor, critic = ppo_models
+    proc = chatrl("ppo", "--actor_model_name_or_path", actor, "--critic_model_name_or_path", critic,
+                  "--output_dir", tmp_path, *PPO_FAST, "--max_steps", "2", "--ppo_epochs", "1",
+                  "--clip_reward_value", "1e-6", timeout=300)
+    warned = [ln for ln in proc.stderr.splitlines() if "lie beyond --clip-reward-value" in ln]
+    assert len(warned) == 1 and "iteration 1:" in warned[0] and "--normalize-reward" in warned[0], proc.stderr[-3000:]
+    assert [r["reward/clipped"] for r in metrics(tmp_path)] == [1.0, 1.0]
 
 
 # ============================================================================ CLI run B

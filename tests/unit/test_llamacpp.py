@@ -86,21 +86,28 @@ def _rollout(backend, model, ids, mask, params, seed=0, share=True):
     return backend.generate(ids, mask, params, return_logprobs=True)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_same_weights_sample_the_trained_policy(tiny_model_path, tiny_tokenizer, tied):
-    tok = tiny_tokenizer
-    model = _model(tiny_model_path, tied, eos=tok.eos_token_id)
-    ids, mask = _prompts()
+def _same_rollout_as_transformers(model, tok, ids, mask):
+    """A `same` llama.cpp rollout and a Transformers one under the same seed: the same tokens,
+    and the llama.cpp log-probs within 1e-4 of a full fp32 forward. -> (ours, theirs, answer mask)"""
     params = _params(tok)
     ours = _rollout(LlamaCppBackend(model.config, "cpu", "same"), model, ids, mask, params)
     torch.manual_seed(0)
     theirs = hf_generate(model, ids, mask, params, return_logprobs=True)
     assert torch.equal(ours.sequences, theirs.sequences)
-    stops = (ours.sequences[:, ids.shape[1]:] == tok.eos_token_id).any(1)
-    assert 0 < stops.sum() < len(stops), ours.sequences  # some rows stopped early, some did not
     valid = _answer_mask(ours.sequences, ids.shape[1], tok.eos_token_id)
     ref = _full_forward_logprobs(model, ours.sequences, mask, ids.shape[1], 1.0)
     assert (ours.logprobs - ref)[valid].abs().max() < 1e-4
+    return ours, theirs, valid
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_same_weights_sample_the_trained_policy(tiny_model_path, tiny_tokenizer, tied):
+    tok = tiny_tokenizer
+    model = _model(tiny_model_path, tied, eos=tok.eos_token_id)
+    ids, mask = _prompts()
+    ours, theirs, valid = _same_rollout_as_transformers(model, tok, ids, mask)
+    stops = (ours.sequences[:, ids.shape[1]:] == tok.eos_token_id).any(1)
+    assert 0 < stops.sum() < len(stops), ours.sequences  # some rows stopped early, some did not
     assert (ours.logprobs - theirs.logprobs)[valid].abs().max() < 1e-4
     assert (ours.entropy - theirs.entropy)[valid].abs().max() < 1e-3
     # rows that stopped are padded after their EOS, as Transformers pads them
@@ -124,15 +131,7 @@ def test_qwen2_with_its_biases_samples_the_trained_policy():
                 proj.weight.mul_(6.0)
                 proj.bias.mul_(6.0)
     assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
-    ids, mask = _prompts()
-    params = _params(tok)
-    ours = _rollout(LlamaCppBackend(model.config, "cpu", "same"), model, ids, mask, params)
-    torch.manual_seed(0)
-    theirs = hf_generate(model, ids, mask, params, return_logprobs=True)
-    assert torch.equal(ours.sequences, theirs.sequences)
-    valid = _answer_mask(ours.sequences, ids.shape[1], tok.eos_token_id)
-    ref = _full_forward_logprobs(model, ours.sequences, mask, ids.shape[1], 1.0)
-    assert (ours.logprobs - ref)[valid].abs().max() < 1e-4
+    _same_rollout_as_transformers(model, tok, *_prompts())
 
 
 def test_greedy_min_new_tokens_and_temperature_match_transformers(tiny_model_path, tiny_tokenizer):

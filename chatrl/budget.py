@@ -78,7 +78,9 @@ class Rates:
     rollout_decode_s: dict[int, float] = field(default_factory=dict)
     # --generation-backend llamacpp: converting and loading the actor's weights, once per rollout
     rollout_sync_s: float = 0.0
+    # how step 3 will roll out here (engine.rlhf.resolve_generation)
     rollout_backend: str = "hf"
+    rollout_weights: str = "same"
 
 
 def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int = 64,
@@ -94,7 +96,7 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
     from .engine import ds
     from .engine.flops import forward_flops, matmul_params
     from .engine.hybrid import GenerationParams, hf_generate
-    from .engine.rlhf import ds_dtype
+    from .engine.rlhf import ds_dtype, resolve_generation
     from .models import load_causal_lm
     from .models.freeze import freeze_lower_layers
 
@@ -163,13 +165,15 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
 
         for b in sorted(set(decode_batches)):
             decode[b] = decode_step(b)
-        rollout_decode, sync_s, rollout_backend = {}, 0.0, "hf"
-        if rollout_weights is not None and _llamacpp_rollouts_apply(generation_backend, model.config):
-            rollout_backend = "llamacpp"
-            from .engine.llamacpp import KINDS, LlamaCppBackend
+        rollout_decode, sync_s, rollout_backend, kind = {}, 0.0, "hf", "same"
+        if rollout_weights is not None:  # as step 3 will roll out (without its notes)
+            rollout_backend, kind = resolve_generation(generation_backend, rollout_weights[0], dtype,
+                                                       model.config, dev, quiet=True)
+        if rollout_backend == "llamacpp":
+            from .engine.llamacpp import LlamaCppBackend
 
-            kind, b, unfrozen = rollout_weights
-            backend = LlamaCppBackend(model.config, dev, kind if kind in KINDS else "same")
+            _, b, unfrozen = rollout_weights
+            backend = LlamaCppBackend(model.config, dev, kind)
             model.requires_grad_(True)
             if unfrozen >= 0:
                 freeze_lower_layers(model, unfrozen)
@@ -177,7 +181,7 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
             sync_s = timed(lambda: backend.share(model), lambda: None)
             rollout_decode[b] = decode_step(b, backend.generate)
             backend.release()
-        elif rollout_weights is not None and _fp16_rollouts_apply(rollout_weights[0], dtype):
+        elif kind == "fp16":
             from .engine.rollout_weights import Fp16RolloutWeights
 
             _, b, unfrozen = rollout_weights
@@ -190,26 +194,7 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
                  forward_flops_per_s=forward_flops(n, x_fwd.numel()) / t_fwd,
                  optimizer_s_per_param=t_opt / max(n_trained, 1), decode_s=decode,
                  probe_s=time.perf_counter() - t0, rollout_decode_s=rollout_decode,
-                 rollout_sync_s=sync_s, rollout_backend=rollout_backend)
-
-
-def _llamacpp_rollouts_apply(backend: str, config) -> bool:
-    """Whether step 3 will roll out through llama.cpp (engine.rlhf.resolve_generation, without
-    its note)."""
-    if backend != "llamacpp":
-        return False
-    from .engine import ds
-    from .engine.llamacpp import unsupported
-
-    return unsupported(config, ds.device()) is None
-
-
-def _fp16_rollouts_apply(kind: str, dtype: str) -> bool:
-    """Whether step 3 will decode through fp16 copies (engine.rlhf.resolve_rollout_weights,
-    without its note)."""
-    from .engine.rollout_weights import fp16_kernel_available
-
-    return kind == "fp16" and dtype == "fp32" and not torch.cuda.is_available() and fp16_kernel_available()
+                 rollout_sync_s=sync_s, rollout_backend=rollout_backend, rollout_weights=kind)
 
 
 def _trunk_flops_per_token(trunk) -> float:
@@ -372,8 +357,7 @@ class Planner:
             a_train, c_train, c_score = a_train - a_frozen, c_train - c_frozen, c_score - c_frozen
             from .engine.trunk import rollout_records_trunk
 
-            kind = "fp16" if _fp16_rollouts_apply(cfg.rollout_weights, r.dtype) else "same"
-            if rollout_records_trunk(r.dtype, kind, r.rollout_backend):
+            if rollout_records_trunk(r.dtype, r.rollout_weights, r.rollout_backend):
                 a_score -= a_frozen  # the rollout records the actor's trunk: the reference skips it
         seq_tokens = gb * (P + A * DECODE_FRACTION)
         t_gen = (gb * P * a_fwd / r.forward_flops_per_s

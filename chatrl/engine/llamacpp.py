@@ -26,9 +26,10 @@ What the rollout weights mean here (`--rollout-weights`):
   old log-probs are recomputed by the training forward unless --recompute-old-logprobs false.
 
 The Llama architecture family (LlamaForCausalLM: Llama 2/3, SmolLM, TinyLlama...) and Qwen2
-(Qwen2ForCausalLM: Qwen2, Qwen2.5, with their q/k/v biases) convert; elsewhere `unsupported(config)` says why and the Transformers backend is used. The llama.cpp
-Python bindings are an optional dependency: `pip install llama-cpp-python` (it compiles llama.cpp,
-~4 minutes on 2 cores).
+(Qwen2ForCausalLM: Qwen2, Qwen2.5, with their q/k/v biases) convert; elsewhere
+`unsupported(config)` says why and the Transformers backend is used. The llama.cpp Python bindings
+are an optional dependency: `pip install llama-cpp-python` (it compiles llama.cpp, ~4 minutes on 2
+cores).
 """
 
 from __future__ import annotations
@@ -123,10 +124,11 @@ def _convert(name: str, tensor: torch.Tensor, config, kind: str) -> tuple[np.nda
     import gguf
 
     a = tensor.detach().to("cpu", torch.float32).numpy()
-    if config.model_type == "llama" and name.endswith("self_attn.q_proj.weight"):
-        a = _interleave_rope(a, config.num_attention_heads)
-    elif config.model_type == "llama" and name.endswith("self_attn.k_proj.weight"):
-        a = _interleave_rope(a, config.num_key_value_heads)
+    if config.model_type == "llama":  # Qwen2's rotary layout is llama.cpp's already
+        if name.endswith("self_attn.q_proj.weight"):
+            a = _interleave_rope(a, config.num_attention_heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            a = _interleave_rope(a, config.num_key_value_heads)
     a = np.ascontiguousarray(a)
     if a.ndim != 2 or kind == "same":
         return a, None

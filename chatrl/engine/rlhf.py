@@ -62,27 +62,30 @@ def ds_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def resolve_generation(backend: str, kind: str, dtype: str, config, device) -> tuple[str, str]:
+def resolve_generation(backend: str, kind: str, dtype: str, config, device,
+                       quiet: bool = False) -> tuple[str, str]:
     """(backend, rollout weights) that apply here: llama.cpp where the actor converts and runs on
-    the CPU, else Transformers with a note saying why."""
+    the CPU, else Transformers with a note saying why (none when `quiet`: the time budget's probe
+    asks too)."""
+    say = not quiet and ds.is_main()
     if backend == "llamacpp":
         from .llamacpp import unsupported
 
         why = unsupported(config, device)
         if why is None:
             return backend, kind
-        if ds.is_main():
+        if say:
             print(f"note: --generation-backend llamacpp ignored: {why}; rollouts use Transformers",
                   file=sys.stderr)
     if kind == "q8_0":
-        if ds.is_main():
+        if say:
             print("note: --rollout-weights q8_0 needs --generation-backend llamacpp; rollouts decode "
                   "with the trained weights", file=sys.stderr)
         kind = "same"
-    return "hf", resolve_rollout_weights(kind, dtype)
+    return "hf", resolve_rollout_weights(kind, dtype, quiet)
 
 
-def resolve_rollout_weights(kind: str, dtype: str) -> str:
+def resolve_rollout_weights(kind: str, dtype: str, quiet: bool = False) -> str:
     """--rollout-weights fp16 where it applies (an fp32 actor on an x86 CPU), else `same` with a
     note saying why."""
     if kind != "fp16":
@@ -94,7 +97,7 @@ def resolve_rollout_weights(kind: str, dtype: str) -> str:
            None if fp16_kernel_available() else "this CPU build has no fbgemm (x86 only)")
     if why is None:
         return "fp16"
-    if ds.is_main():
+    if not quiet and ds.is_main():
         print(f"note: --rollout-weights fp16 ignored: {why}; rollouts decode with the trained "
               f"weights", file=sys.stderr)
     return "same"

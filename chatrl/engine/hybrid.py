@@ -25,7 +25,7 @@ from typing import Iterable, Protocol
 
 import torch
 
-from ..models.load import unwrap
+from ..models.load import fold_head_input, unwrap
 from ..models.lora import has_lora, lora_merged, merged_state_dict
 
 
@@ -196,6 +196,7 @@ def hf_generate(model, input_ids, attention_mask, params: GenerationParams,
     ignored, as in the training forward), which saves PPO a full actor forward."""
     config = params.generation_config()
     recorder, processors = rollout_processors(params, input_ids, return_logprobs)
+    fold_head_input(model)
     with _own_generation_config(model, config):
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                              generation_config=config, logits_processor=processors,

@@ -98,9 +98,9 @@ def _rope_theta(config) -> float:
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-def _interleave_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+def _interleave_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Transformers' q/k rows (rotary halves per head) -> llama.cpp's (rotary pairs adjacent)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def gguf_name(name: str, config) -> str | None:
@@ -120,20 +120,21 @@ def gguf_name(name: str, config) -> str | None:
 
 
 def _convert(name: str, tensor: torch.Tensor, config, kind: str) -> tuple[np.ndarray, object]:
-    """(data, raw type or None) of one tensor as written: 2-D weights in the kind's type."""
+    """(data, raw type or None) of one tensor as written: 2-D weights in the kind's type. The
+    casts run in torch (threaded; numpy's fp16 cast took 6x as long, with the same rounding)."""
     import gguf
 
-    a = tensor.detach().to("cpu", torch.float32).numpy()
+    t = tensor.detach().to("cpu")
     if config.model_type == "llama":  # Qwen2's rotary layout is llama.cpp's already
         if name.endswith("self_attn.q_proj.weight"):
-            a = _interleave_rope(a, config.num_attention_heads)
+            t = _interleave_rope(t, config.num_attention_heads)
         elif name.endswith("self_attn.k_proj.weight"):
-            a = _interleave_rope(a, config.num_key_value_heads)
-    a = np.ascontiguousarray(a)
+            t = _interleave_rope(t, config.num_key_value_heads)
+    if t.ndim == 2 and kind == "fp16":
+        return t.to(torch.float16).contiguous().numpy(), None
+    a = t.to(torch.float32).contiguous().numpy()
     if a.ndim != 2 or kind == "same":
         return a, None
-    if kind == "fp16":
-        return a.astype(np.float16), None
     q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
     return q, gguf.GGMLQuantizationType.Q8_0
 

@@ -196,7 +196,7 @@ def hf_generate(model, input_ids, attention_mask, params: GenerationParams,
     ignored, as in the training forward), which saves PPO a full actor forward."""
     config = params.generation_config()
     recorder, processors = rollout_processors(params, input_ids, return_logprobs)
-    fold_head_input(model)
+    fold_head_input(model)  # load_causal_lm did this already; models built elsewhere (API users)
     with _own_generation_config(model, config):
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                              generation_config=config, logits_processor=processors,

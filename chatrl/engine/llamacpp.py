@@ -16,6 +16,11 @@ How a rollout runs:
   for left-padded rows), then one token per unfinished row per step, and draws every token in
   torch through `rollout_processors`: the same recorder, min_new_tokens and sampler as the
   Transformers backend, from llama.cpp's fp32 logits. Rows that have finished are not decoded.
+- `recording(block)`: for the rollouts in the context, the output of that transformer block at
+  every position forwarded (copied out of llama.cpp's graph by its eval callback) is kept in the
+  layout the Transformers rollout records it in (chatrl.engine.trunk): the frozen trunk's output,
+  which the reference forward and the training passes then replay instead of recomputing. Each
+  prompt is then fed on its own (llama.cpp reorders the tokens of a multi-sequence batch).
 
 What the rollout weights mean here (`--rollout-weights`):
 - `same`: fp32 weights, fp32 KV cache, no flash attention: the sampled policy is the trained
@@ -40,6 +45,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +198,78 @@ def _lib():
     return L
 
 
+_GGML = None
+
+
+def _ggml():
+    """libggml-base from the bindings' library folder: tensor names and reads for the eval callback."""
+    global _GGML
+    if _GGML is None:
+        import llama_cpp.llama_cpp as LL
+
+        g = ctypes.CDLL(str(Path(LL._base_path) / "libggml-base.so"))
+        g.ggml_get_name.argtypes = [ctypes.c_void_p]
+        g.ggml_get_name.restype = ctypes.c_char_p
+        for fn in (g.ggml_nelements, g.ggml_nbytes):
+            fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int64
+        g.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                              ctypes.c_size_t]
+        g.ggml_backend_tensor_get.restype = None
+        _GGML = g
+    return _GGML
+
+
+class _BlockRecorder:
+    """llama.cpp's graph-eval callback: copies block `block`'s output ("l_out-<block>", fp32,
+    [tokens, hidden]) at each decode call, and places its rows in a [rows, positions, hidden]
+    array as `place` is told."""
+
+    def __init__(self, block: int, hidden: int, shape: tuple[int, int, int]):
+        import llama_cpp as L
+
+        g = _ggml()
+        name, self.hidden = f"l_out-{block}".encode(), hidden
+        self.array = np.zeros(shape, dtype=np.float32)
+        self.parts: list[np.ndarray] = []
+        self.error: str | None = None
+
+        def observe(t, ask, _user):
+            if g.ggml_get_name(t) != name:
+                return False if ask else True
+            if ask:
+                return True
+            try:  # never return False here: the scheduler would skip the rest of the graph
+                n = g.ggml_nelements(t)
+                if g.ggml_nbytes(t) != 4 * n or n % hidden:
+                    self.error = f"{name.decode()} is not an fp32 [tokens, {hidden}] tensor"
+                else:
+                    a = np.empty((n // hidden, hidden), dtype=np.float32)
+                    g.ggml_backend_tensor_get(t, a.ctypes.data, 0, a.nbytes)
+                    self.parts.append(a)
+            except Exception as e:  # noqa: BLE001 - reported by place()
+                self.error = repr(e)
+            return True
+
+        self.callback = L.ggml_backend_sched_eval_callback(observe)
+
+    def place(self, rows: list[int], start: int) -> None:
+        """The last decode call's states: row rows[i]'s tokens at positions start, start + 1, ...
+        (one call per prompt, or one token per row)."""
+        if self.error is not None:
+            raise RuntimeError(f"llama.cpp backend: recording the trunk failed: {self.error}")
+        got = np.concatenate(self.parts) if len(self.parts) != 1 else self.parts[0]
+        self.parts = []
+        if len(rows) == 1:
+            self.array[rows[0], start:start + got.shape[0]] = got
+        elif got.shape[0] == len(rows):
+            self.array[rows, start] = got
+        else:
+            raise RuntimeError(f"llama.cpp backend: recorded {got.shape[0]} states for {len(rows)} rows")
+
+    def states(self, positions: int) -> torch.Tensor:
+        return torch.from_numpy(self.array[:, :positions].copy())
+
+
 def _scratch_dir() -> str:
     shm = Path("/dev/shm")
     base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
@@ -213,6 +291,23 @@ class LlamaCppBackend:
         self._cache: dict = {}
         self._dir = None
         self._loads = 0
+        self._record_block: int | None = None
+        self._recorded: list = []  # per generate() call while recording: [rows, positions, H]
+
+    @contextmanager
+    def recording(self, block: int):
+        """Record block `block`'s output in the rollouts of this context; `recorded()` returns it."""
+        self._record_block, self._recorded = block, []
+        try:
+            yield self
+        finally:
+            self._record_block = None
+
+    def recorded(self) -> torch.Tensor | None:
+        """The states recorded by the last rollout (generate call), [rows, prompt width +
+        decode steps, hidden] (zeros where a row was padding or had finished); None if none."""
+        out, self._recorded = (self._recorded[-1] if self._recorded else None), []
+        return out
 
     # -- weights
     def share(self, module) -> None:
@@ -260,8 +355,15 @@ class LlamaCppBackend:
             raise RuntimeError("llama.cpp backend: generate() before share()/sync_weights()")
         rows = input_ids.shape[0]
         if rows > _MAX_SEQS:  # one context per slice of rows, answers padded to one length
-            parts = [self.generate(input_ids[i:i + _MAX_SEQS], attention_mask[i:i + _MAX_SEQS],
-                                   params, return_logprobs) for i in range(0, rows, _MAX_SEQS)]
+            parts, states = [], []
+            for i in range(0, rows, _MAX_SEQS):
+                parts.append(self.generate(input_ids[i:i + _MAX_SEQS], attention_mask[i:i + _MAX_SEQS],
+                                           params, return_logprobs))
+                states.append(self.recorded() if self._record_block is not None else None)
+            if states and all(x is not None for x in states):
+                width = max(x.shape[1] for x in states)
+                self._recorded = [torch.cat([torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1]))
+                                             for x in states])]
             return _concat(parts, params.pad_token_id if params.pad_token_id is not None
                            else params.eos_token_id)
         recorder, processors = rollout_processors(params, input_ids, return_logprobs)
@@ -273,22 +375,28 @@ class LlamaCppBackend:
 
     def _decode(self, input_ids, attention_mask, params, processors) -> torch.Tensor:
         L = _lib()
-        n_rows = input_ids.shape[0]
+        n_rows, width = input_ids.shape
         prompts = [input_ids[i][attention_mask[i].bool()].tolist() for i in range(n_rows)]
         if any(len(p) == 0 for p in prompts):
             raise ValueError("llama.cpp backend: a prompt row has no tokens")
         per_row = max(len(p) for p in prompts) + params.max_new_tokens + 1
         n_prompt = sum(len(p) for p in prompts)
         type_kv, flash = _CONTEXT[self.kind]
+        rec = None
+        if self._record_block is not None:
+            rec = _BlockRecorder(self._record_block, self.config.hidden_size,
+                                 (n_rows, width + params.max_new_tokens, self.config.hidden_size))
         cp = L.llama_context_default_params()
         cp.n_ctx = n_rows * per_row
-        cp.n_batch = max(n_prompt, n_rows)
+        cp.n_batch = max(n_prompt, n_rows) if rec is None else max(max(map(len, prompts)), n_rows)
         cp.n_ubatch = min(cp.n_batch, 512)
         cp.n_seq_max = n_rows
         cp.n_threads = cp.n_threads_batch = torch.get_num_threads()
         cp.type_k = cp.type_v = type_kv
         cp.flash_attn_type = flash
         cp.no_perf = True
+        if rec is not None:
+            cp.cb_eval = rec.callback
         ctx = L.llama_init_from_model(self.model, cp)
         if not ctx:
             raise RuntimeError("llama.cpp backend: could not create a context "
@@ -296,22 +404,35 @@ class LlamaCppBackend:
         batch = L.llama_batch_init(cp.n_batch, 0, 1)
         vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
         pad = params.pad_token_id if params.pad_token_id is not None else params.eos_token_id
+
+        def fill(tokens):  # [(row, position, token, wants logits)] -> the batch
+            for n, (r, pos, tok, out) in enumerate(tokens):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = tok, pos, 1
+                batch.seq_id[n][0] = r
+                batch.logits[n] = int(out)
+            batch.n_tokens = len(tokens)
+
+        def decode(step, n_out):
+            if L.llama_decode(ctx, batch) != 0:
+                raise RuntimeError(f"llama.cpp backend: decoding failed at step {step}")
+            return np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(n_out, vocab))
+
         try:
-            n = 0
-            for r, p in enumerate(prompts):
-                for pos, tok in enumerate(p):
-                    batch.token[n], batch.pos[n], batch.n_seq_id[n] = tok, pos, 1
-                    batch.seq_id[n][0] = r
-                    batch.logits[n] = int(pos == len(p) - 1)
-                    n += 1
-            batch.n_tokens = n
+            rows_prompt = [[(r, pos, tok, pos == len(p) - 1) for pos, tok in enumerate(p)]
+                           for r, p in enumerate(prompts)]
+            if rec is None:  # every prompt in one batch
+                fill([t for row in rows_prompt for t in row])
+                logits = decode(0, n_rows)
+            else:  # one prompt at a time: its states in order, placed after its left padding
+                logits = np.empty((n_rows, vocab), dtype=np.float32)
+                for r, row in enumerate(rows_prompt):
+                    fill(row)
+                    logits[r] = decode(0, 1)[0]
+                    rec.place([r], width - len(row))
             active = list(range(n_rows))  # rows whose logits the last decode produced, in order
             seq = input_ids.clone()
             out = []
             for step in range(params.max_new_tokens):
-                if L.llama_decode(ctx, batch) != 0:
-                    raise RuntimeError(f"llama.cpp backend: decoding failed at step {step}")
-                logits = np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(len(active), vocab))
                 scores = torch.zeros(n_rows, self.config.vocab_size)
                 scores[active, :vocab] = torch.from_numpy(logits)
                 if vocab < scores.shape[1]:
@@ -326,11 +447,12 @@ class LlamaCppBackend:
                           or int(chosen[r]) != params.eos_token_id]
                 if not active or step == params.max_new_tokens - 1:
                     break
-                for j, r in enumerate(active):
-                    batch.token[j], batch.pos[j], batch.n_seq_id[j] = int(chosen[r]), len(prompts[r]) + step, 1
-                    batch.seq_id[j][0] = r
-                    batch.logits[j] = 1
-                batch.n_tokens = len(active)
+                fill([(r, len(prompts[r]) + step, int(chosen[r]), True) for r in active])
+                logits = decode(step + 1, len(active))
+                if rec is not None:
+                    rec.place(active, width + step)
+            if rec is not None:
+                self._recorded.append(rec.states(width + len(out) - 1))
             return torch.stack(out, dim=1) if out else input_ids.new_zeros(n_rows, 0)
         finally:
             L.llama_batch_free(batch)

@@ -19,7 +19,8 @@ the rows it keeps). Where a pass's shape does not match, the blocks run as usual
 An fp32 actor that decodes with its own weights computes its trunk's output during the rollout
 (the prompt, then one position per decode step; a KV-cached decode agrees with a full forward to
 ~1e-6): `capture_steps` records it there, and the reference forward replays it as well
-(chatrl.steps.ppo.PPOTrainer.make_experience).
+(chatrl.steps.ppo.PPOTrainer.make_experience). The llama.cpp rollout backend hands over the same
+states from its own graph (`capture_rollout`; see rollout_records_trunk for its weight kinds).
 
 Where the states come from a twin (the reference or reward model), the twin's frozen parameters
 then point at the trained model's tensors: equal and never updated, they are kept once in memory
@@ -111,9 +112,22 @@ def why_not_shared(trained: nn.Module, twin: nn.Module | None = None) -> str | N
 def rollout_records_trunk(dtype: str, rollout_weights: str, backend: str = "hf") -> bool:
     """Whether the actor's rollout computes its frozen trunk as the reference forward would, so
     the reference can replay it: an fp32 actor decoding with its own weights in Transformers (a
-    KV-cached decode agrees with a full forward to ~1e-6). Not with fp16 rollout copies, nor bf16
-    (both round differently), nor llama.cpp (its hidden states stay inside it)."""
-    return dtype == "fp32" and rollout_weights == "same" and backend == "hf"
+    KV-cached decode agrees with a full forward to ~1e-6), or through llama.cpp with fp32 (`same`,
+    ~1e-5) or fp16 weights. With llama.cpp's fp16 the replayed states carry its rounding (relative
+    ~1e-3): the reference and the training passes then see the trunk as the rollout saw it, so the
+    policy trained is the one sampled below the trained blocks. Not with Transformers' fp16 rollout
+    copies (fp32 prompt, fp16 decode), bf16, or llama.cpp's q8_0 (~0.07 nats from the policy)."""
+    if dtype != "fp32":
+        return False
+    return rollout_weights == "same" if backend == "hf" else \
+        backend == "llamacpp" and rollout_weights in ("same", "fp16")
+
+
+def _blocks_return_tensors() -> bool:
+    """Transformers 5's decoder blocks return their hidden states as a tensor (4's: a tuple)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
 
 
 @contextmanager
@@ -182,6 +196,22 @@ class TrunkShare:
             yield self
         if parts and all(p is not None and p.shape[0] == parts[0].shape[0] for p in parts):
             self._form, self._taken = -1, torch.cat(parts, dim=1)
+
+    @contextmanager
+    def capture_rollout(self, hybrid, module):
+        """capture_steps for the rollout `hybrid` runs: a backend that records a block itself
+        (llama.cpp: `recording(block)`) is asked to; else `module`'s forward hooks record it."""
+        backend = getattr(hybrid, "backend", None)
+        if not hasattr(backend, "recording"):
+            with self.capture_steps(module):
+                yield self
+            return
+        self._taken = None
+        with backend.recording(self.cut - 1):
+            yield self
+        states = backend.recorded()
+        if states is not None and _blocks_return_tensors():
+            self._form, self._taken = -1, states
 
     def taken(self) -> torch.Tensor | None:
         out, self._taken = self._taken, None

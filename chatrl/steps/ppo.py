@@ -137,7 +137,7 @@ class PPOTrainer:
         cfg, m, algo = self.cfg, self.models, self.algo
         # 1. rollout (generation mode: gathered / merged weights, KV cache, no dropout)
         from_rollout = self.trunk_from_rollout and algo.num_generations == 1
-        with self.trunk["actor"].capture_steps(m.actor.module) if from_rollout else nullcontext():
+        with self.trunk["actor"].capture_rollout(m.hybrid, m.actor.module) if from_rollout else nullcontext():
             ro = stages.rollout(m.hybrid, input_ids, attention_mask, self.gen_params,
                                 n_samples=algo.num_generations, rows=rows, device=self.device)
         seq, mask, act, P = ro.sequences, ro.attention_mask, ro.action_mask, ro.prompt_len

@@ -236,3 +236,61 @@ def test_gathered_weights_sync_as_the_shared_module_does(tiny_model_path, tiny_t
     gathered = _rollout(synced, model, ids, mask, params, share=False)
     assert torch.equal(gathered.sequences, shared.sequences)
     assert torch.equal(gathered.logprobs, shared.logprobs)
+
+
+@pytest.mark.parametrize("kind", ["same", "fp16"])
+def test_rollout_records_the_frozen_trunk_for_the_reference_to_replay(tiny_model_path, tiny_tokenizer, kind):
+    """With the bottom block frozen, the llama.cpp rollout hands over that block's output at
+    every position it forwarded, in the Transformers rollout's layout (TrunkShare.capture_rollout):
+    equal to the reference model's full forward there (`same`: to fp32 noise; `fp16`: to its
+    rounding), and the reference log-probs replayed from it equal the full forward's. Left-padded
+    prompts, rows that stop early, and more rows than one llama.cpp context (split and joined)."""
+    from types import SimpleNamespace
+
+    from chatrl.engine.trunk import TrunkShare, frozen_cut, rollout_records_trunk, why_not_shared
+    from chatrl.models.freeze import freeze_lower_layers
+    from chatrl.steps.ppo import _rollout_states
+    from chatrl.steps.stages import response_mask
+    from test_trunk import replay_against_reference
+
+    tok = tiny_tokenizer
+    actor = _model(tiny_model_path, eos=tok.eos_token_id)
+    ref = copy.deepcopy(actor).eval()
+    freeze_lower_layers(actor, 1)
+    assert why_not_shared(actor, ref) is None and rollout_records_trunk("fp32", kind, "llamacpp")
+    share = TrunkShare(frozen_cut(actor), "actor", ref)
+    ids, mask = _prompts(7, seed=4)
+    P, eos = ids.shape[1], tok.eos_token_id
+    hybrid = SimpleNamespace(backend=LlamaCppBackend(actor.config, "cpu", kind))
+    hybrid.backend.share(actor)
+
+    def rollout(params, max_seqs=64):
+        llamacpp._MAX_SEQS = max_seqs
+        try:
+            torch.manual_seed(0)
+            with share.capture_rollout(hybrid, actor):
+                gen = hybrid.backend.generate(ids, mask, params, return_logprobs=True)
+        finally:
+            llamacpp._MAX_SEQS = 64
+        return gen.sequences, share.taken()
+
+    greedy = [rollout(_params(tok, 0.0, n=10), max_seqs) for max_seqs in (64, 3)]
+    assert torch.equal(greedy[0][0], greedy[1][0])  # split rows decode in other GEMM shapes:
+    torch.testing.assert_close(greedy[1][1], greedy[0][1], atol=1e-5, rtol=1e-4)  # float noise
+    seq, states = rollout(_params(tok))
+    answer = seq[:, P:]
+    act = response_mask(answer, eos)
+    assert 0 < (answer == eos).any(1).sum() < len(seq)  # some rows stopped early, some did not
+    full_seq = torch.cat([ids, torch.where(act.bool(), answer, torch.zeros_like(answer))], 1)
+    full_mask = torch.cat([mask, act.long()], 1)
+    states = _rollout_states(states, full_seq)
+    direct, ref_lp, replayed_lp = replay_against_reference(share, ref, states, full_seq, full_mask, P)
+    forwarded = full_mask.bool().clone()
+    forwarded[:, -1] = False  # the last token and each EOS are never forwarded
+    forwarded[:, P:] &= answer != eos
+    err = (states[forwarded] - direct[forwarded]).norm(dim=-1) / direct[forwarded].norm(dim=-1)
+    assert err.max() < (1e-5 if kind == "same" else 3e-3), err.max()
+    assert (states[~forwarded] == 0).all()
+    gap = ((replayed_lp - ref_lp) * act).abs().max()
+    assert gap < (1e-4 if kind == "same" else 0.02), gap
+    assert gap > (0 if kind == "fp16" else -1)  # fp16's rounding shows: the states are llama.cpp's

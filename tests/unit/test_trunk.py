@@ -146,6 +146,20 @@ def test_where_it_does_not_apply(tiny_model_path):
     assert why_not_shared(lora) == "LoRA"
 
 
+def replay_against_reference(share, ref, recorded, seq, mask, P):
+    """(the reference's own trunk output over seq, its full-forward log-probs, its log-probs
+    with `recorded` replayed) for a rollout's recorded trunk states."""
+    from chatrl.steps.stages import forward_logprobs
+
+    assert recorded is not None and recorded.shape[:2] == seq.shape
+    with torch.no_grad(), share.capture(ref):
+        ref_lp = forward_logprobs(ref, seq, mask, P, 1.0, "cpu")
+    direct = share.taken()
+    with torch.no_grad(), share.reuse(ref, recorded):
+        replayed_lp = forward_logprobs(ref, seq, mask, P, 1.0, "cpu")
+    return direct, ref_lp, replayed_lp
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_rollout_records_the_trunk_the_reference_forward_would(arch):
     """An fp32 rollout with the trained model records the frozen blocks' output at every
@@ -154,7 +168,7 @@ def test_rollout_records_the_trunk_the_reference_forward_would(arch):
     Left-padded prompts; sampled answers that end at different lengths."""
     from chatrl.engine.hybrid import GenerationParams, hf_generate
     from chatrl.steps.ppo import _rollout_states
-    from chatrl.steps.stages import forward_logprobs, response_mask
+    from chatrl.steps.stages import response_mask
 
     actor = randomize(load_causal_lm(resolve_model_path(f"tiny-{arch}"), dtype=torch.float32, dropout=0.0))
     ref = copy.deepcopy(actor).eval()
@@ -177,15 +191,10 @@ def test_rollout_records_the_trunk_the_reference_forward_would(arch):
     if arch == "bloom":   # its blocks return tuples (hidden, cache): nothing recorded, the
         assert recorded is None   # reference forward then runs in full
         return
-    assert recorded is not None and recorded.shape[:2] == full_seq.shape
-    with torch.no_grad(), share.capture(ref):
-        ref_lp = forward_logprobs(ref, full_seq, full_mask, P, 1.0, "cpu")
-    direct = share.taken()
+    direct, ref_lp, replayed_lp = replay_against_reference(share, ref, recorded, full_seq, full_mask, P)
     real = full_mask.bool().clone()
     real[:, -1] = False   # the last token is never forwarded by the rollout
     assert torch.allclose(recorded[real], direct[real], atol=1e-5, rtol=1e-4)
-    with torch.no_grad(), share.reuse(ref, recorded):
-        replayed_lp = forward_logprobs(ref, full_seq, full_mask, P, 1.0, "cpu")
     torch.testing.assert_close(replayed_lp * act, ref_lp * act, atol=1e-5, rtol=0)
     # another shape records nothing usable: the caller then runs the full reference forward
     assert _rollout_states(recorded[:, :P], full_seq) is None

@@ -250,6 +250,19 @@ def _estimate(args, plans: dict, to_run: list[str], budget: float | None, prefix
     return plan
 
 
+def _took(seconds: float, estimate: dict | None, step: str | None, ran: list[str] = ()) -> str:
+    """'1m52s, estimated ~1m17s' for one step, or for the whole run (`step` None: the steps in
+    `ran` and the report); without the estimate where there was none."""
+    from .budget import fmt_duration
+
+    out = fmt_duration(seconds)
+    if estimate is None or (step is not None and step not in estimate["steps"]):
+        return out
+    est = estimate["steps"][step] if step is not None else \
+        sum(estimate["steps"].get(n, 0.0) for n in ran) + (estimate["report"] or 0.0)
+    return f"{out}, estimated ~{fmt_duration(est)}"
+
+
 def _resumed_iters(ppo_cfg) -> int | None:
     """The iteration count an interrupted step 3 was planned with (kept on resume)."""
     if ppo_cfg is None or not ppo_cfg.resume:
@@ -306,6 +319,7 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train") -> int
         args.estimate = True
         to_run = wanted if args.restart or not to_run else to_run
     estimate = _estimate(args, plans, to_run, budget, prefix)
+    t_planned = time.time()
     if args.estimate_only:
         return 0
     timings = {}
@@ -326,6 +340,8 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train") -> int
         else:
             _run_launched(prefix, name, cfg)
         timings[name] = time.time() - t
+        print(f"[chatrl train] step {name} took {_took(timings[name], estimate, name)}", file=sys.stderr,
+              flush=True)
     last = "ppo" if "ppo" in plans else "grpo"
     actor = step_done(last, plans[last]) or step_done("sft", plans["sft"])
     if args.report and "ppo" in plans and step_done("ppo", plans["ppo"]):
@@ -333,7 +349,10 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train") -> int
 
         report = write_report(Path(args.output_dir), plans, timings, n_prompts=args.report_prompts)
         print(f"[chatrl train] report: {report}", file=sys.stderr)
-    print(f"[chatrl train] finished in {time.time() - t0:.0f}s", file=sys.stderr)
+    done = f"[chatrl train] finished in {time.time() - t0:.0f}s"
+    if estimate is not None:  # what the estimate covered: from its print to here
+        done += f"; the steps and report took {_took(time.time() - t_planned, estimate, None, list(timings))}"
+    print(done, file=sys.stderr)
     if actor:
         print(f"\nYour chat model: {actor}\nTalk to it:      chatrl chat --path {actor}\n"
               f"Serve it:        chatrl serve --path {actor}")

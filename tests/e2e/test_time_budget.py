@@ -1,6 +1,7 @@
 """`chatrl train` tells its time up front and fits a time budget; `chatrl ppo --time-limit`.
 
-- The estimate (per step, from a measurement of this machine) is printed before step 1.
+- The estimate (per step, from a measurement of this machine) is printed before step 1, and
+  each step's time beside its estimate when it ends.
 - `--time-budget 1` (far too short for the smoke preset's 4 PPO iterations): the estimate plans
   1 iteration and says so; step 3 gets its configured 4 with the budget's time limit (recorded in
   run_config.yaml), and the limit stops it after iteration 1.
@@ -10,9 +11,13 @@
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
 from ppo_helpers import chatrl, metrics
+
+D = r"\d+(m\d\d)?s"  # a duration as printed: 45s, 1m05s
 
 
 def test_estimate_budget_and_time_limit(tmp_path):
@@ -28,6 +33,9 @@ def test_estimate_budget_and_time_limit(tmp_path):
     ppo = out / "step3-models" / "tiny"
     assert "~1 iterations fit in the" in err and "stopping after iteration 1 of 4" in err, err[-3000:]
     assert [r["step"] for r in metrics(ppo)] == [1]
+    for step in ("sft", "rm", "ppo"):  # each step's time beside its estimate, then the whole run's
+        assert re.search(rf"step {step} took {D}, estimated ~{D}", err), err[-3000:]
+    assert re.search(rf"finished in \d+s; the steps and report took {D}, estimated ~{D}", err), err[-3000:]
     saved = yaml.safe_load((ppo / "run_config.yaml").read_text())
     assert saved["max_steps"] == 4 and 0 < saved["time_limit"] < 1.0
 

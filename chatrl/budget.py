@@ -2,7 +2,8 @@
 
 A short probe (about 10-20 s on a 2-core CPU) times the base model on this machine in the run's
 precision: a training step (forward + backward + optimizer) and a no-grad forward, giving FLOP
-rates, and one decode step at the rollout batch and at the report's batch. Each step's time is
+rates, and one decode step at the rollout batch and at the report's batch (with, for the report,
+one draw of Transformers' multinomial sampler at its batch). Each step's time is
 then its counted work (chatrl.engine.flops, with the frozen layers of --num-layers-unfrozen; the
 token counts of its own tokenized data, padded per batch as the step pads them) divided by those
 rates, plus a fixed cost per step for loading and saving models.
@@ -81,6 +82,9 @@ class Rates:
     # how step 3 will roll out here (engine.rlhf.resolve_generation)
     rollout_backend: str = "hf"
     rollout_weights: str = "same"
+    # one draw of torch.multinomial over the vocabulary at batch B: the report samples its answers
+    # through Transformers' own sampler, which draws with it at every decode step
+    multinomial_s: dict[int, float] = field(default_factory=dict)
 
 
 def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int = 64,
@@ -163,8 +167,11 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
             long = timed(lambda: gen(10), lambda: None)
             return max(long - short, 1e-6) / 8
 
+        multinomial = {}
         for b in sorted(set(decode_batches)):
             decode[b] = decode_step(b)
+            probs = torch.softmax(torch.randn(b, vocab, generator=g), -1).to(dev)
+            multinomial[b] = timed(lambda: torch.multinomial(probs, 1), lambda: torch.multinomial(probs, 1))
         rollout_decode, sync_s, rollout_backend, kind = {}, 0.0, "hf", "same"
         if rollout_weights is not None:  # as step 3 will roll out (without its notes)
             rollout_backend, kind = resolve_generation(generation_backend, rollout_weights[0], dtype,
@@ -194,7 +201,8 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
                  forward_flops_per_s=forward_flops(n, x_fwd.numel()) / t_fwd,
                  optimizer_s_per_param=t_opt / max(n_trained, 1), decode_s=decode,
                  probe_s=time.perf_counter() - t0, rollout_decode_s=rollout_decode,
-                 rollout_sync_s=sync_s, rollout_backend=rollout_backend, rollout_weights=kind)
+                 rollout_sync_s=sync_s, rollout_backend=rollout_backend, rollout_weights=kind,
+                 multinomial_s=multinomial)
 
 
 def _trunk_flops_per_token(trunk) -> float:
@@ -378,9 +386,38 @@ class Planner:
         return total, f"generate {t_gen:.0f}s + score {t_score:.0f}s + train {t_train:.0f}s", n
 
     def report(self, n_prompts: int, max_new_tokens: int = 48) -> float:
-        batches = math.ceil(n_prompts / REPORT_DECODE_BATCH)
-        per_model = batches * max_new_tokens * decode_time(self.rates, min(n_prompts, REPORT_DECODE_BATCH))
+        """Three models (base, SFT, RLHF) each answer the report's held-out prompts in batches:
+        a prefill of each batch's prompts (padded to its longest), then decode steps, each with
+        a draw of Transformers' sampler."""
+        from .engine.flops import forward_flops, matmul_params
+
+        r, b = self.rates, min(n_prompts, REPORT_DECODE_BATCH)
+        lengths = self._report_prompt_lengths(n_prompts)
+        batches = [lengths[i:i + b] for i in range(0, len(lengths), b)]
+        prefill = sum(len(x) * max(x) for x in batches)
+        from transformers import AutoModelForCausalLM
+
+        from .models import load_config
+
+        with torch.device("meta"):
+            n = matmul_params(AutoModelForCausalLM.from_config(load_config(str(self._model("sft")))))
+        step = decode_time(r, b) + r.multinomial_s.get(b, 0.0)
+        per_model = prefill * forward_flops(n, 1) / r.forward_flops_per_s + len(batches) * max_new_tokens * step
         return 3 * per_model + STEP_OVERHEAD_S["report"]
+
+    def _report_prompt_lengths(self, n_prompts: int) -> list[int]:
+        """Token counts of the report's held-out prompts, rendered as the report renders them."""
+        from .data.templates import render_prompt
+        from .evaluate import model_template
+        from .models import load_tokenizer
+        from .report import _report_prompts
+
+        path = str(self._model("sft"))
+        tok = load_tokenizer(path, padding_side="left")
+        template = model_template(path, tok, "auto")
+        prompts, _ = _report_prompts(self.plans, n_prompts)
+        return [len(tok(render_prompt(tok, m, template), add_special_tokens=template == "plain")["input_ids"])
+                for m in prompts] or [1]
 
 
 def plan_train(plans: dict, rates: Rates, wanted: list[str], report_prompts: int | None,

@@ -79,3 +79,25 @@ def test_the_probe_times_llamacpp_rollouts_and_their_weight_conversion_where_the
     r = probe(resolve_model_path("tiny-gpt2"), "fp32", (2,), seq=16, layers_unfrozen=1,
               rollout_weights=("same", 3, 1), generation_backend="llamacpp")
     assert r.rollout_backend == "hf" and r.rollout_decode_s == {} and r.rollout_sync_s == 0
+
+
+def test_the_report_estimate_counts_each_batch_prefill_and_the_samplers_draws(tmp_path):
+    """The report's three models each prefill their held-out prompts (batches of up to 48, padded
+    to their longest, as rendered for the model) and draw every decode step through Transformers'
+    sampler (torch.multinomial): both are in the estimate, beside the decode steps."""
+    from chatrl.budget import REPORT_DECODE_BATCH, STEP_OVERHEAD_S, Planner
+    from chatrl.engine.flops import forward_flops, matmul_params
+    from chatrl.models import load_causal_lm
+    from chatrl.pipeline import build_parser, plan_steps
+
+    plans = plan_steps(build_parser().parse_args(["--actor-model", "tiny", "--output-dir", str(tmp_path)]))
+    r = Rates("fp32", 1e9, 1e9, 1e-9, decode_s={REPORT_DECODE_BATCH: 0.01})
+    pl = Planner(plans, r)
+    lengths = pl._report_prompt_lengths(96)
+    assert len(lengths) == 96 and min(lengths) > 3  # a chat template around each question
+    n = matmul_params(load_causal_lm(str(pl._model("sft"))))
+    prefill = sum(len(b) * max(b) for b in (lengths[:48], lengths[48:])) * forward_flops(n, 1) / 1e9
+    decode = 2 * 48 * 0.01
+    assert pl.report(96) == pytest.approx(3 * (prefill + decode) + STEP_OVERHEAD_S["report"])
+    r.multinomial_s = {REPORT_DECODE_BATCH: 0.005}
+    assert pl.report(96) == pytest.approx(3 * (prefill + decode + 2 * 48 * 0.005) + STEP_OVERHEAD_S["report"])

@@ -35,10 +35,11 @@ REPORT_DECODE_BATCH = 48  # the report generates its held-out answers in batches
 # all of its answers end, which at the sampling temperatures used is close to the limit.
 DECODE_FRACTION = 1.0
 # A PPO iteration in bf16 on a CPU ran 1.4x its estimate from the probe's rates (18.4 s measured
-# against 13.1 s on an AVX512-BF16 Xeon, 2026-11-30: DeepSpeed's bf16 engines convert gradients
-# and keep fp32 master weights, three models share the caches); fp32 ran at 0.75x (28.6 vs 38 s,
-# kept as is: an estimate that errs long keeps a budget safe).
-PPO_ITERATION_FACTOR = {"bf16": 1.4}
+# against 13.1 s on an AVX512-BF16 Xeon, 2026-11-30). Since the rollout's frozen LM head no longer
+# copies its weight per row (791162d) it runs at 1.04x (12.5 s against 12.1 s, the default run on
+# an AVX512-BF16 EPYC, 2026-12-01). fp32 ran at 0.75x (28.6 vs 38 s) then and 0.9x (19.4-19.7 vs
+# 21-22 s, AVX2-held) now, kept as is: an estimate that errs long keeps a budget safe.
+PPO_ITERATION_FACTOR = {"bf16": 1.05}
 
 
 def parse_duration(text: str | int | float | None) -> float | None:

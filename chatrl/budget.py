@@ -116,13 +116,19 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
     def ids(b, t):
         return torch.randint(0, vocab, (b, t), generator=g).to(dev)
 
-    def timed(fn, warm):
+    def timed(fn, warm, repeats: int = 1):
+        """Seconds of fn() after a warm-up; the median of `repeats` runs (one training step
+        timed once put step 3's training at 10 s and 16 s an iteration in two probes a minute
+        apart on a shared 2-core VM)."""
         warm()  # allocator, oneDNN primitive creation
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t
+        times = []
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
 
     # training: a frozen-bottom micro-batch like the default run's, through the transformer
     # only (the rate is per counted matmul FLOP; a softmax over the vocabulary at every position
@@ -137,12 +143,12 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
         model.zero_grad(set_to_none=True)
 
     x_train, x_small = ids(8, seq), ids(2, 16)
-    t_train = timed(lambda: train_step(x_train), lambda: train_step(x_small))
+    t_train = timed(lambda: train_step(x_train), lambda: train_step(x_small), repeats=3)
     trained = [p for p in model.parameters() if p.requires_grad]
     for p in trained:
         p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW(trained, lr=1e-9)
-    t_opt = timed(opt.step, opt.step)
+    t_opt = timed(opt.step, opt.step, repeats=3)
     n_trained = sum(p.numel() for p in trained)
     del opt, trained
     model.zero_grad(set_to_none=True)
@@ -153,7 +159,7 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
     with torch.no_grad():
         x_fwd = ids(8, seq)
         t_fwd = timed(lambda: model(input_ids=x_fwd, use_cache=False),
-                      lambda: model(input_ids=x_small, use_cache=False))
+                      lambda: model(input_ids=x_small, use_cache=False), repeats=3)
 
         def decode_step(b: int, generate=None) -> float:
             """One decode step at batch b: 10 new tokens minus 2 (prefill, warm-up cancel) over 8."""

@@ -396,20 +396,13 @@ class Planner:
         """Three models (base, SFT, RLHF) each answer the report's held-out prompts in batches:
         a prefill of each batch's prompts (padded to its longest), then decode steps, each with
         a draw of Transformers' sampler."""
-        from .engine.flops import forward_flops, matmul_params
-
         r, b = self.rates, min(n_prompts, REPORT_DECODE_BATCH)
         lengths = self._report_prompt_lengths(n_prompts)
         batches = [lengths[i:i + b] for i in range(0, len(lengths), b)]
         prefill = sum(len(x) * max(x) for x in batches)
-        from transformers import AutoModelForCausalLM
-
-        from .models import load_config
-
-        with torch.device("meta"):
-            n = matmul_params(AutoModelForCausalLM.from_config(load_config(str(self._model("sft")))))
+        fwd = _flops_per_token(str(self._model("sft")), -1)[1]
         step = decode_time(r, b) + r.multinomial_s.get(b, 0.0)
-        per_model = prefill * forward_flops(n, 1) / r.forward_flops_per_s + len(batches) * max_new_tokens * step
+        per_model = prefill * fwd / r.forward_flops_per_s + len(batches) * max_new_tokens * step
         return 3 * per_model + STEP_OVERHEAD_S["report"]
 
     def _report_prompt_lengths(self, n_prompts: int) -> list[int]:

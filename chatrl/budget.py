@@ -11,7 +11,8 @@ rates, plus a fixed cost per step for loading and saving models.
 With a budget (`chatrl train --time-budget 15m`; the cpu-default preset sets 15 minutes) the
 number of PPO iterations is planned so that the whole run fits, and planned again when step 3
 starts, from the time steps 1-2 really took; step 3 then also stops early if an iteration would
-overrun (its `time_limit`).
+overrun (its `time_limit`). When fewer iterations fit than configured, the actor's learning rate
+is raised (`--budget-lr-scale`, chatrl.pipeline._fit_ppo).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
   each step's time beside its estimate when it ends.
 - `--time-budget 1` (far too short for the smoke preset's 4 PPO iterations): the estimate plans
   1 iteration and says so; step 3 gets its configured 4 with the budget's time limit (recorded in
-  run_config.yaml), and the limit stops it after iteration 1.
+  run_config.yaml), and the limit stops it after iteration 1. With `--budget-lr-scale 3` the
+  actor's learning rate is doubled (sqrt(4 / 1)) for the one iteration that fits.
 - `chatrl ppo ... time_limit=0.01 max_steps=3`: stops after iteration 1, says why, and still
   saves a loadable actor.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import yaml
 
 from ppo_helpers import chatrl, metrics
@@ -23,7 +25,7 @@ D = r"\d+(m\d\d)?s"  # a duration as printed: 45s, 1m05s
 def test_estimate_budget_and_time_limit(tmp_path):
     out = tmp_path / "out"
     proc = chatrl("train", "--preset", "smoke", "--output-dir", out, "--time-budget", "1", "--no-report",
-                  timeout=400, cwd=tmp_path)
+                  "--budget-lr-scale", "3", timeout=400, cwd=tmp_path)
     err = proc.stderr
     assert "estimated time ~" in err and "time budget 1s" in err, err[-3000:]
     for line in ("step 1 sft ~", "step 2 rm ~", "step 3 ppo ~"):
@@ -38,6 +40,9 @@ def test_estimate_budget_and_time_limit(tmp_path):
     assert re.search(rf"finished in \d+s; the steps and report took {D}, estimated ~{D}", err), err[-3000:]
     saved = yaml.safe_load((ppo / "run_config.yaml").read_text())
     assert saved["max_steps"] == 4 and 0 < saved["time_limit"] < 1.0
+    # 1 of 4 iterations fits: the actor's rate (the preset's 1e-4) x sqrt(4 / 1), under the cap of 3
+    assert "actor learning rate 0.0001 -> 0.0002 (x2.00: sqrt(4/1) = 2.00;" in err, err[-3000:]
+    assert saved["actor_learning_rate"] == pytest.approx(2e-4)
 
     # the limit inside step 3: 3 iterations asked, the first one already overruns 0.01 s
     out2 = tmp_path / "ppo2"

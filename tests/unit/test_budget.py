@@ -101,3 +101,61 @@ def test_the_report_estimate_counts_each_batch_prefill_and_the_samplers_draws(tm
     assert pl.report(96) == pytest.approx(3 * (prefill + decode) + STEP_OVERHEAD_S["report"])
     r.multinomial_s = {REPORT_DECODE_BATCH: 0.005}
     assert pl.report(96) == pytest.approx(3 * (prefill + decode + 2 * 48 * 0.005) + STEP_OVERHEAD_S["report"])
+
+
+def _ppo_cfg(tmp_path, lr=5e-5):
+    from chatrl.config import PPOConfig
+
+    return PPOConfig(output_dir=str(tmp_path / "ppo"), actor_learning_rate=lr, max_steps=26, resume=True)
+
+
+def _estimate(per_iteration=20.0):
+    return {"steps": {"sft": 60.0, "rm": 60.0}, "report": 60.0, "per_iteration": per_iteration,
+            "configured": 26}
+
+
+@pytest.mark.parametrize("lr_max, fit, factor", [
+    (2.0, 26, 1.0),                  # everything fits: the preset's rate
+    (2.0, 12, (26 / 12) ** 0.5),     # 12 of 26 fit: x sqrt(26/12)
+    (2.0, 3, 2.0),                   # 3 fit: sqrt(26/3) = 2.9, capped at 2
+    (1.0, 3, 1.0),                   # --budget-lr-scale 1: off
+])
+def test_fewer_iterations_than_configured_raise_the_actors_learning_rate(tmp_path, capsys, lr_max,
+                                                                         fit, factor):
+    from chatrl.budget import STEP_OVERHEAD_S
+    from chatrl.pipeline import _fit_ppo
+
+    timings = {"sft": 60.0, "rm": 60.0}  # as estimated: no rescaling
+    # what is left after the report (60 s) and step 3's start-up holds `fit` iterations of 20 s
+    elapsed = 900 - 60 - STEP_OVERHEAD_S["ppo"] - 20 * fit - 5
+    cfg = _fit_ppo(_ppo_cfg(tmp_path), _estimate(), timings, 900.0, elapsed, lr_scale_max=lr_max)
+    err = capsys.readouterr().err
+    assert f"~{fit} iterations fit" in err, err
+    assert cfg.max_steps == 26 and cfg.actor_learning_rate == pytest.approx(5e-5 * factor)
+    assert ("actor learning rate 5e-05 ->" in err) == (factor > 1.0), err
+    assert ("capped at 2" in err) == (fit == 3 and lr_max == 2.0), err
+
+
+def test_a_resumed_step_3_keeps_the_learning_rate_it_was_planned_with(tmp_path):
+    """An interrupted step 3 resumes with the rate in its saved run config, whatever now fits."""
+    import yaml
+
+    from chatrl.pipeline import _fit_ppo
+
+    cfg = _ppo_cfg(tmp_path)
+    (tmp_path / "ppo" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "ppo" / "run_config.yaml").write_text(yaml.safe_dump({"max_steps": 26,
+                                                                      "actor_learning_rate": 7.5e-5}))
+    out = _fit_ppo(cfg, _estimate(), {"sft": 60.0, "rm": 60.0}, 900.0, 600.0, lr_scale_max=2.0)
+    assert out.actor_learning_rate == pytest.approx(7.5e-5) and out.max_steps == 26
+
+
+@pytest.mark.parametrize("value", ["0.5", "x", "-1"])
+def test_budget_lr_scale_rejects_what_is_not_a_factor_of_at_least_1(value):
+    from chatrl.pipeline import budget_lr_scale, build_parser
+
+    args = build_parser("chatrl train").parse_args(["--budget-lr-scale", value])
+    with pytest.raises(ConfigError, match="budget_lr_scale .* is not a number >= 1"):
+        budget_lr_scale(args)
+    assert budget_lr_scale(build_parser("chatrl train").parse_args([])) == 2.0  # cpu-default's
+    assert budget_lr_scale(build_parser("chatrl train").parse_args(["--preset", "smoke"])) == 1.0

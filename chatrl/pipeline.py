@@ -298,10 +298,15 @@ def _resumed_config(ppo_cfg) -> dict | None:
     return yaml.safe_load(saved.read_text()) or {}
 
 
+def _planned_iters(saved: dict | None) -> int | None:
+    """The iteration count in an interrupted step 3's saved run config (kept on resume)."""
+    value = (saved or {}).get("max_steps")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def _resumed_iters(ppo_cfg) -> int | None:
     """The iteration count an interrupted step 3 was planned with (kept on resume)."""
-    value = (_resumed_config(ppo_cfg) or {}).get("max_steps")
-    return int(value) if isinstance(value, int) and value > 0 else None
+    return _planned_iters(_resumed_config(ppo_cfg))
 
 
 def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float,
@@ -329,11 +334,11 @@ def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float,
     # The count that fits is an estimate; the time limit is what holds the budget. Step 3 runs
     # its configured count (or an interrupted run's) and stops after the last iteration that
     # fits, measured as it goes: on a machine faster than its probe the budget is still used.
-    n = _resumed_iters(cfg) or estimate["configured"]
+    resumed = _resumed_config(cfg)
+    n = _planned_iters(resumed) or estimate["configured"]
     print(f"[chatrl train] step ppo: ~{fit} iterations fit in the {fmt_duration(max(room, 0))} left of "
           f"the budget (estimates x{scale:.2f} after the steps so far); it stops at the time limit, "
           f"after at most {n}", file=sys.stderr, flush=True)
-    resumed = _resumed_config(cfg)
     if resumed is not None and isinstance(resumed.get("actor_learning_rate"), (int, float)):
         cfg = dataclasses.replace(cfg, actor_learning_rate=float(resumed["actor_learning_rate"]))
     elif lr_scale_max > 1.0 and fit < estimate["configured"]:

@@ -31,6 +31,9 @@ from .errors import ConfigError
 # Fixed costs in seconds (model load + DeepSpeed set-up + save), measured on the 2-core CPUs
 # (AVX2 fp32 and AVX512-BF16) with the embedded 135M model; a larger model scales them by size.
 STEP_OVERHEAD_S = {"sft": 12.0, "rm": 12.0, "ppo": 25.0, "report": 10.0}
+# Share of the time budget step 3's time limit keeps back for what the estimates miss, and the
+# seconds it leaves for saving the models after the last iteration (see pipeline._fit_ppo)
+RESERVE, PPO_SAVE_S = 0.07, 10.0
 REPORT_DECODE_BATCH = 48  # the report generates its held-out answers in batches of this size
 # Decode steps per rollout, as a fraction of --max-answer-seq-len: a batch is generated until
 # all of its answers end, which at the sampling temperatures used is close to the limit.
@@ -421,6 +424,15 @@ class Planner:
                 for m in prompts] or [1]
 
 
+def budget_for_all(plan: dict, probe_s: float = 0.0) -> int:
+    """Seconds, in whole minutes, of a time budget whose step-3 time limit (pipeline._fit_ppo:
+    what is left after the probe, steps 1-2 and the report, less the save and the reserve) holds
+    every configured PPO iteration of `plan` (plan_train's result), at the estimated rates."""
+    need = (probe_s + sum(v for k, v in plan["steps"].items() if k != "ppo") + plan["report"]
+            + STEP_OVERHEAD_S["ppo"] + PPO_SAVE_S + plan["configured"] * plan["per_iteration"])
+    return int(math.ceil(need / (1.0 - RESERVE) / 60.0)) * 60
+
+
 def plan_train(plans: dict, rates: Rates, wanted: list[str], report_prompts: int | None,
                budget: float | None, planned_ppo: int | None = None) -> dict:
     """Estimates of the wanted steps and, with a budget, the PPO iteration count that fits it
@@ -454,6 +466,7 @@ def plan_train(plans: dict, rates: Rates, wanted: list[str], report_prompts: int
     head = (f"estimated time ~{fmt_duration(total)} ({rates.dtype}; this machine measured in "
             f"{rates.probe_s:.0f}s)" + (f"; time budget {fmt_duration(budget)}" if budget else ""))
     if configured is not None and out["ppo_iters"] < configured:
-        head += f": PPO planned at {out['ppo_iters']} of its {configured} iterations to fit"
+        head += (f": PPO planned at {out['ppo_iters']} of its {configured} iterations to fit (all "
+                 f"{configured}: --time-budget {budget_for_all(out, rates.probe_s) // 60}m)")
     out["text"] = head + "\n  " + "\n  ".join(lines)
     return out

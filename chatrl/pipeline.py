@@ -31,8 +31,6 @@ from . import config as C
 from .errors import ChatRLError, ConfigError
 
 STEP_NAMES = {1: "sft", 2: "rm", 3: "ppo"}
-# Share of the time budget step 3's time limit keeps back for what the estimates miss (see _fit_ppo).
-RESERVE = 0.07
 
 
 def build_parser(prog: str = "chatrl train") -> argparse.ArgumentParser:
@@ -320,7 +318,7 @@ def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float,
     models (seed 1234) stopped after 9 iterations: judge gain +0.036 at the preset's 5e-5,
     +0.069 at 1e-4, +0.013 at 2e-4; run to all 26 (seed 4), 1e-4 gained less than 5e-5 (+0.057
     against +0.094). The schedule still spans the configured iterations."""
-    from .budget import STEP_OVERHEAD_S, fmt_duration
+    from .budget import PPO_SAVE_S, RESERVE, STEP_OVERHEAD_S, fmt_duration
 
     ran = [k for k in timings if k in estimate["steps"]]
     scale = 1.0
@@ -356,7 +354,7 @@ def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float,
     # budgets: with no reserve a run ended 13 s past it; with 5%, one ended 1 s short of it by
     # the wall clock, on a machine running slower than its probe)
     return dataclasses.replace(cfg, max_steps=n,
-                               time_limit=max(room - 10.0 - RESERVE * budget, 0.01))  # 0: no limit
+                               time_limit=max(room - PPO_SAVE_S - RESERVE * budget, 0.01))  # 0: no limit
 
 
 def train_main(argv: list[str] | None = None, prog: str = "chatrl train") -> int:

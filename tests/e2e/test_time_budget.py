@@ -31,7 +31,7 @@ def test_estimate_budget_and_time_limit(tmp_path):
     for line in ("step 1 sft ~", "step 2 rm ~", "step 3 ppo ~"):
         assert line in err
     assert err.index("estimated time ~") < err.index("step sft ->")  # before step 1 starts
-    assert "PPO planned at 1 of its 4 iterations" in err
+    assert re.search(r"PPO planned at 1 of its 4 iterations to fit \(all 4: --time-budget \d+m\)", err), err[-3000:]
     ppo = out / "step3-models" / "tiny"
     assert "~1 iterations fit in the" in err and "stopping after iteration 1 of 4" in err, err[-3000:]
     assert [r["step"] for r in metrics(ppo)] == [1]

@@ -159,3 +159,23 @@ def test_budget_lr_scale_rejects_what_is_not_a_factor_of_at_least_1(value):
         budget_lr_scale(args)
     assert budget_lr_scale(build_parser("chatrl train").parse_args([])) == 2.0  # cpu-default's
     assert budget_lr_scale(build_parser("chatrl train").parse_args(["--preset", "smoke"])) == 1.0
+
+
+@pytest.mark.parametrize("per_iteration", [20.0, 37.0])
+def test_the_budget_suggested_for_every_iteration_is_the_least_whole_minute_whose_limit_holds_them(
+        tmp_path, per_iteration):
+    """Where fewer PPO iterations fit than configured, the estimate names the budget (in whole
+    minutes) under which step 3's time limit holds all of them, at the estimated rates."""
+    from chatrl.budget import STEP_OVERHEAD_S, budget_for_all
+    from chatrl.pipeline import _fit_ppo
+
+    probe = 30.0
+    plan = _estimate(per_iteration)
+    budget = budget_for_all(plan, probe)
+    assert budget % 60 == 0
+
+    def limit(b):  # steps 1-2 as estimated, after the probe
+        return _fit_ppo(_ppo_cfg(tmp_path), plan, {"sft": 60.0, "rm": 60.0}, b, probe + 120.0).time_limit
+
+    needed = STEP_OVERHEAD_S["ppo"] + 26 * per_iteration
+    assert limit(budget) >= needed > limit(budget - 60)

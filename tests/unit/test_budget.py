@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from chatrl.budget import Rates, decode_time, fmt_duration, padded_tokens, parse_duration
@@ -179,3 +182,12 @@ def test_the_budget_suggested_for_every_iteration_is_the_least_whole_minute_whos
 
     needed = STEP_OVERHEAD_S["ppo"] + 26 * per_iteration
     assert limit(budget) >= needed > limit(budget - 60)
+
+
+def test_the_time_budget_counts_from_the_process_start_not_from_the_first_step():
+    """`chatrl train`'s budget clock starts when the process did: start-up and imports count
+    (66 s of them once, with a cold page cache)."""
+    code = ("import time; time.sleep(1.5); from chatrl.pipeline import run_clock_start; "
+            "print(time.time() - run_clock_start())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout) >= 1.5

@@ -8,7 +8,7 @@ is the same as `chatrl train` with those flags.
 
 import sys
 
-from chatrl.cli import main
+from chatrl.cli import main, process_start
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main(["train", *sys.argv[1:]], started=process_start()))

@@ -357,28 +357,17 @@ def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float,
                                time_limit=max(room - PPO_SAVE_S - RESERVE * budget, 0.01))  # 0: no limit
 
 
-def run_clock_start() -> float:
-    """When this process started (time.time()'s clock): the time budget counts from here, so it
-    covers Python's start-up and imports too. With a cold page cache, the imports and step
-    planning before the estimate took 33 s here (2.7 s warm; ~330 MB read from disk). A run
-    that counted from after them kept its 15 minutes by its own clock (14:13) and took 15:28 by
-    the wall clock, 66 s having passed before its clock started."""
-    try:
-        import psutil  # a DeepSpeed dependency
-
-        return min(psutil.Process().create_time(), time.time())
-    except Exception:  # noqa: BLE001 - no process table: count from here
-        return time.time()
-
-
-def train_main(argv: list[str] | None = None, prog: str = "chatrl train") -> int:
+def train_main(argv: list[str] | None = None, prog: str = "chatrl train",
+               started: float | None = None) -> int:
+    """`chatrl train`. started: when the command's process started (cli.process_start); the
+    time budget counts from there, else from this call (a Python caller's long-lived process)."""
     args = build_parser(prog).parse_args(argv)
     plans = plan_steps(args)
     prefix = _launch_plan(args)
     wanted = [STEP_NAMES[s] for s in sorted(set(args.step))]
     if args.algo != "ppo":  # step 1, then online RL from its model in place of steps 2-3
         wanted = [n for n in wanted if n == "sft"] + (["grpo"] if {2, 3} & set(args.step) else [])
-    t0 = run_clock_start()
+    t0 = time.time() if started is None else min(started, time.time())
     to_run = [n for n in wanted if args.restart or not step_done(n, plans[n])]
     budget, lr_scale = time_budget(args), budget_lr_scale(args)
     if args.estimate_only:

@@ -185,9 +185,25 @@ def test_the_budget_suggested_for_every_iteration_is_the_least_whole_minute_whos
 
 
 def test_the_time_budget_counts_from_the_process_start_not_from_the_first_step():
-    """`chatrl train`'s budget clock starts when the process did: start-up and imports count
-    (66 s of them once, with a cold page cache)."""
-    code = ("import time; time.sleep(1.5); from chatrl.pipeline import run_clock_start; "
-            "print(time.time() - run_clock_start())")
+    """`chatrl train` run as a command: its budget clock starts when the process did, so
+    start-up and imports count (66 s of them once, with a cold page cache)."""
+    code = ("import time; time.sleep(1.5); from chatrl.cli import process_start; "
+            "print(time.time() - process_start())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout) >= 1.5
+
+
+def test_the_command_line_passes_its_process_start_and_a_python_caller_its_call(monkeypatch):
+    """The command (argv from the command line) hands train_main its process's start; a Python
+    caller in a long-lived process (a notebook, the tests) counts from its call."""
+    import time
+
+    import chatrl.cli as cli
+    import chatrl.pipeline as pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "train_main", lambda argv, started=None: seen.append(started) or 0)
+    assert cli.main(["train", "--estimate-only"]) == 0
+    monkeypatch.setattr(sys, "argv", ["chatrl", "train", "--estimate-only"])
+    assert cli.main() == 0
+    assert seen[0] is None and seen[1] == pytest.approx(cli.process_start()) and seen[1] < time.time()

@@ -367,7 +367,7 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train",
     wanted = [STEP_NAMES[s] for s in sorted(set(args.step))]
     if args.algo != "ppo":  # step 1, then online RL from its model in place of steps 2-3
         wanted = [n for n in wanted if n == "sft"] + (["grpo"] if {2, 3} & set(args.step) else [])
-    t0 = time.time() if started is None else min(started, time.time())
+    t0 = time.time() if started is None else started
     to_run = [n for n in wanted if args.restart or not step_done(n, plans[n])]
     budget, lr_scale = time_budget(args), budget_lr_scale(args)
     if args.estimate_only:

@@ -90,12 +90,19 @@ class Rates:
     # one draw of torch.multinomial over the vocabulary at batch B: the report samples its answers
     # through Transformers' own sampler, which draws with it at every decode step
     multinomial_s: dict[int, float] = field(default_factory=dict)
+    # one decode step at the report's batch in fp32, the precision the report generates in
+    # (chatrl.evaluate.generate_answers); empty: as decode_s
+    report_decode_s: dict[int, float] = field(default_factory=dict)
 
 
 def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int = 64,
           layers_unfrozen: int = 8, rollout_weights: tuple[str, int, int] | None = None,
-          generation_backend: str = "hf") -> Rates:
+          generation_backend: str = "hf", report_batch: int | None = None) -> Rates:
     """Time the base model on this machine (see the module docstring).
+
+    report_batch: also time a decode step (and a sampler draw) at the report's batch in fp32, the
+    precision the report generates in whatever the run's: in bf16 runs on an AVX512-BF16 CPU the
+    report's estimate from bf16 decode rates was 1.5-2x short (73-93 s for 133-143 s).
 
     rollout_weights=("fp16", B, N): also time a decode step at batch B with fp16 copies of the
     layers frozen below the top N blocks, as step 3's rollouts run it (--rollout-weights fp16).
@@ -199,6 +206,7 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
             sync_s = timed(lambda: backend.share(model), lambda: None)
             rollout_decode[b] = decode_step(b, backend.generate)
             backend.release()
+            del backend
         elif kind == "fp16":
             from .engine.rollout_weights import Fp16RolloutWeights
 
@@ -207,13 +215,24 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
                 freeze_lower_layers(model.requires_grad_(True), unfrozen)
                 with Fp16RolloutWeights().applied(model):
                     rollout_decode[b] = decode_step(b)
+        report_decode = {}
+        if report_batch:
+            b = report_batch
+            if b not in decode or model.dtype != torch.float32:
+                model.float()
+                report_decode[b] = decode_step(b)
+            else:
+                report_decode[b] = decode[b]
+            if b not in multinomial:
+                probs = torch.softmax(torch.randn(b, vocab, generator=g), -1).to(dev)
+                multinomial[b] = timed(lambda: torch.multinomial(probs, 1), lambda: torch.multinomial(probs, 1))
     del model
     return Rates(dtype=dtype, train_flops_per_s=trunk_fpt * x_train.numel() / t_train,
                  forward_flops_per_s=forward_flops(n, x_fwd.numel()) / t_fwd,
                  optimizer_s_per_param=t_opt / max(n_trained, 1), decode_s=decode,
                  probe_s=time.perf_counter() - t0, rollout_decode_s=rollout_decode,
                  rollout_sync_s=sync_s, rollout_backend=rollout_backend, rollout_weights=kind,
-                 multinomial_s=multinomial)
+                 multinomial_s=multinomial, report_decode_s=report_decode)
 
 
 def _trunk_flops_per_token(trunk) -> float:
@@ -396,18 +415,19 @@ class Planner:
         n = min(n, cfg.max_steps) if cfg.max_steps > 0 else n
         return total, f"generate {t_gen:.0f}s + score {t_score:.0f}s + train {t_train:.0f}s", n
 
-    def report(self, n_prompts: int, max_new_tokens: int = 48) -> float:
-        """Three models (base, SFT, RLHF) each answer the report's held-out prompts in batches:
-        a prefill of each batch's prompts (padded to its longest), then decode steps, each with
-        a draw of Transformers' sampler."""
+    def report(self, n_prompts: int, max_new_tokens: int = 48, models: int = 3) -> float:
+        """`models` models (base, SFT, RLHF; or SFT and RLHF) each answer the report's held-out
+        prompts in batches: a prefill of each batch's prompts (padded to its longest), then decode
+        steps, each with a draw of Transformers' sampler."""
         r, b = self.rates, min(n_prompts, REPORT_DECODE_BATCH)
         lengths = self._report_prompt_lengths(n_prompts)
         batches = [lengths[i:i + b] for i in range(0, len(lengths), b)]
         prefill = sum(len(x) * max(x) for x in batches)
         fwd = _flops_per_token(str(self._model("sft")), -1)[1]
-        step = decode_time(r, b) + r.multinomial_s.get(b, 0.0)
+        step = r.report_decode_s.get(b) or decode_time(r, b)
+        step += r.multinomial_s.get(b, 0.0)
         per_model = prefill * fwd / r.forward_flops_per_s + len(batches) * max_new_tokens * step
-        return 3 * per_model + STEP_OVERHEAD_S["report"]
+        return models * per_model + STEP_OVERHEAD_S["report"]
 
     def _report_prompt_lengths(self, n_prompts: int) -> list[int]:
         """Token counts of the report's held-out prompts, rendered as the report renders them."""
@@ -424,21 +444,44 @@ class Planner:
                 for m in prompts] or [1]
 
 
+def fit_iterations(room: float, per_iteration: float, configured: int) -> int:
+    """PPO iterations (at least 1, at most `configured`) that fit in `room` seconds, step 3's
+    start-up included."""
+    return max(1, min(configured, int((room - STEP_OVERHEAD_S["ppo"]) // per_iteration)))
+
+
+def report_with_base(mode: str, room: float, per_iteration: float, configured: int,
+                     report_all: float, report_two: float) -> bool:
+    """Whether the report also answers with the base model (`--report-base`): "on", "off", or
+    "auto": only where step 3 still fits every configured iteration in the `room` seconds left
+    for it and the report. Leaving the base out saves a third of the report (on a CPU half as fast
+    as a 2-core AVX2 one, ~55 s: one or two PPO iterations)."""
+    if mode != "auto":
+        return mode == "on"
+    return fit_iterations(room - report_all, per_iteration, configured) >= configured \
+        or fit_iterations(room - report_two, per_iteration, configured) <= fit_iterations(
+            room - report_all, per_iteration, configured)
+
+
 def budget_for_all(plan: dict, probe_s: float = 0.0) -> int:
     """Seconds, in whole minutes, of a time budget whose step-3 time limit (pipeline._fit_ppo:
     what is left after the probe, steps 1-2 and the report, less the save and the reserve) holds
-    every configured PPO iteration of `plan` (plan_train's result), at the estimated rates."""
-    need = (probe_s + sum(v for k, v in plan["steps"].items() if k != "ppo") + plan["report"]
+    every configured PPO iteration of `plan` (plan_train's result), at the estimated rates. The
+    report is the one such a budget runs (with the base model's answers unless --report-base off)."""
+    need = (probe_s + sum(v for k, v in plan["steps"].items() if k != "ppo") + plan["report_full"]
             + STEP_OVERHEAD_S["ppo"] + PPO_SAVE_S + plan["configured"] * plan["per_iteration"])
     return int(math.ceil(need / (1.0 - RESERVE) / 60.0)) * 60
 
 
 def plan_train(plans: dict, rates: Rates, wanted: list[str], report_prompts: int | None,
-               budget: float | None, planned_ppo: int | None = None) -> dict:
+               budget: float | None, planned_ppo: int | None = None, report_base: str = "auto") -> dict:
     """Estimates of the wanted steps and, with a budget, the PPO iteration count that fits it
-    (`planned_ppo`: a count already fixed, e.g. by an interrupted run being resumed).
+    (`planned_ppo`: a count already fixed, e.g. by an interrupted run being resumed), and whether
+    the report answers with the base model too (`report_base`: see report_with_base).
 
-    Returns {"steps": {step: seconds}, "per_iteration", "ppo_iters", "report", "text"}."""
+    Returns {"steps": {step: seconds}, "per_iteration", "ppo_iters", "configured", "report" (the
+    planned report's seconds), "report_all" / "report_two" (with / without the base model),
+    "report_full" (the report of a budget that holds every iteration), "report_base", "text"}."""
     pl = Planner(plans, rates)
     est: dict[str, float] = {}
     lines = []
@@ -447,21 +490,33 @@ def plan_train(plans: dict, rates: Rates, wanted: list[str], report_prompts: int
             e = getattr(pl, name)()
             est[name] = e.seconds
             lines.append(f"{label} ~{fmt_duration(e.seconds)} ({e.detail})")
-    out = {"steps": est, "per_iteration": None, "ppo_iters": None, "report": 0.0}
+    out = {"steps": est, "per_iteration": None, "ppo_iters": None, "report": 0.0, "report_all": 0.0,
+           "report_two": 0.0, "report_full": 0.0, "report_base": report_base != "off"}
     configured = None
     if "ppo" in wanted:
         per_iter, detail, configured = pl.ppo_iteration()
         n_iters = planned_ppo or configured
-        rep = pl.report(report_prompts) if report_prompts else 0.0
-        if budget is not None and planned_ppo is None:
-            room = budget - sum(est.values()) - STEP_OVERHEAD_S["ppo"] - rep
-            n_iters = max(1, min(configured, int(room // per_iter)))
+        rep_all = pl.report(report_prompts) if report_prompts else 0.0
+        rep_two = pl.report(report_prompts, models=2) if report_prompts else 0.0
+        with_base = report_base != "off"
+        if budget is not None:
+            room = budget - sum(est.values())
+            if planned_ppo is None:  # a resumed run keeps its count, and auto keeps the base
+                with_base = report_with_base(report_base, room, per_iter, configured, rep_all, rep_two)
+                n_iters = fit_iterations(room - (rep_all if with_base else rep_two), per_iter, configured)
+            elif report_base == "auto":
+                with_base = True
+        rep = rep_all if with_base else rep_two
         est["ppo"] = STEP_OVERHEAD_S["ppo"] + n_iters * per_iter
         lines.append(f"step 3 ppo ~{fmt_duration(est['ppo'])} ({n_iters} iteration{'s' * (n_iters != 1)} x "
                      f"~{per_iter:.0f}s: {detail})")
         if rep:
-            lines.append(f"report ~{fmt_duration(rep)}")
-        out.update(per_iteration=per_iter, ppo_iters=n_iters, report=rep, configured=configured)
+            lines.append(f"report ~{fmt_duration(rep)}" + ("" if with_base or report_base == "off" else
+                         " (SFT and RLHF answers; the base model's left out to give step 3 the time: "
+                         "--report-base on keeps them)"))
+        out.update(per_iteration=per_iter, ppo_iters=n_iters, report=rep, configured=configured,
+                   report_all=rep_all, report_two=rep_two, report_base=with_base,
+                   report_full=rep_two if report_base == "off" else rep_all)
     total = sum(est.values()) + out["report"]
     head = (f"estimated time ~{fmt_duration(total)} ({rates.dtype}; this machine measured in "
             f"{rates.probe_s:.0f}s)" + (f"; time budget {fmt_duration(budget)}" if budget else ""))

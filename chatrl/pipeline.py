@@ -60,6 +60,11 @@ def build_parser(prog: str = "chatrl train") -> argparse.ArgumentParser:
     p.add_argument("--no-report", dest="report", action="store_false", help="skip the final report")
     p.add_argument("--report-prompts", type=int, default=96,
                    help="held-out prompts in the report (96: the judge gain's standard error ~0.02)")
+    p.add_argument("--report-base", "--report_base", dest="report_base", default="auto",
+                   choices=("auto", "on", "off"),
+                   help="the report's answers of the base model beside SFT and RLHF: auto (default) "
+                        "leaves them out when the time budget cannot hold every PPO iteration with "
+                        "them, giving step 3 that third of the report's time")
     p.add_argument("--restart", action="store_true", help="redo finished steps instead of skipping")
     p.add_argument("--time-budget", "--time_budget", dest="time_budget", default=None,
                    help="wall-clock budget for the whole run (e.g. 15m, 900, 1h; 'off'): step 3's "
@@ -252,16 +257,16 @@ def _estimate(args, plans: dict, to_run: list[str], budget: float | None, prefix
     ppo = plans.get("ppo")
     batches = (ppo.per_device_generation_batch_size,) if ppo is not None else ()
     report = args.report_prompts if args.report and ppo is not None else 0
-    if report:
-        batches += (min(report, B.REPORT_DECODE_BATCH),)
     try:
         rollout = None if ppo is None else (ppo.rollout_weights, ppo.per_device_generation_batch_size,
                                             ppo.actor_num_layers_unfrozen)
         rates = B.probe(resolve_model_path(plans["sft"].model_name_or_path),
                         ds.resolve_dtype(plans["sft"].dtype), batches or (1,), rollout_weights=rollout,
-                        generation_backend="hf" if ppo is None else ppo.generation_backend)
+                        generation_backend="hf" if ppo is None else ppo.generation_backend,
+                        report_batch=min(report, B.REPORT_DECODE_BATCH) if report else None)
         plan = B.plan_train(plans, rates, steps, report, budget,
-                            planned_ppo=None if args.restart else _resumed_iters(ppo))
+                            planned_ppo=None if args.restart else _resumed_iters(ppo),
+                            report_base=args.report_base)
     except (ChatRLError, OSError, RuntimeError, ValueError) as e:  # the steps will say it better
         print(f"[chatrl train] no time estimate ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
               "running without one" + (" and without the time budget" if budget else ""),
@@ -308,9 +313,11 @@ def _resumed_iters(ppo_cfg) -> int | None:
 
 
 def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float,
-             lr_scale_max: float = 1.0):
-    """Step 3's iteration count and time limit for what is left of the budget. The estimate of
-    an iteration is scaled by how far off the estimates of the steps just run were.
+             lr_scale_max: float = 1.0, report_base: str = "auto"):
+    """Step 3's config with its iteration count and time limit for what is left of the budget,
+    and whether the report answers with the base model too (budget.report_with_base). The
+    estimates of an iteration and of the report are scaled by how far off the estimates of the
+    steps just run were.
 
     lr_scale_max > 1: when fewer iterations fit than configured, the actor's learning rate is
     raised by sqrt(configured / fitting), at most lr_scale_max (kept from the saved run config
@@ -318,17 +325,19 @@ def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float,
     models (seed 1234) stopped after 9 iterations: judge gain +0.036 at the preset's 5e-5,
     +0.069 at 1e-4, +0.013 at 2e-4; run to all 26 (seed 4), 1e-4 gained less than 5e-5 (+0.057
     against +0.094). The schedule still spans the configured iterations."""
-    from .budget import PPO_SAVE_S, RESERVE, STEP_OVERHEAD_S, fmt_duration
+    from .budget import PPO_SAVE_S, RESERVE, fit_iterations, fmt_duration, report_with_base
 
     ran = [k for k in timings if k in estimate["steps"]]
     scale = 1.0
     if ran:
         scale = sum(timings[k] for k in ran) / max(sum(estimate["steps"][k] for k in ran), 1e-9)
         scale = min(max(scale, 0.5), 2.0)
-    report = estimate["report"] * scale
+    per_iter, configured = estimate["per_iteration"] * scale, estimate["configured"]
+    with_base = report_with_base(report_base, budget - elapsed, per_iter, configured,
+                                 estimate["report_all"] * scale, estimate["report_two"] * scale)
+    report = estimate["report_all" if with_base else "report_two"] * scale
     room = budget - elapsed - report
-    fit = max(1, min(estimate["configured"], int((room - STEP_OVERHEAD_S["ppo"])
-                                                 // (estimate["per_iteration"] * scale))))
+    fit = fit_iterations(room, per_iter, configured)
     # The count that fits is an estimate; the time limit is what holds the budget. Step 3 runs
     # its configured count (or an interrupted run's) and stops after the last iteration that
     # fits, measured as it goes: on a machine faster than its probe the budget is still used.
@@ -337,6 +346,9 @@ def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float,
     print(f"[chatrl train] step ppo: ~{fit} iterations fit in the {fmt_duration(max(room, 0))} left of "
           f"the budget (estimates x{scale:.2f} after the steps so far); it stops at the time limit, "
           f"after at most {n}", file=sys.stderr, flush=True)
+    if not with_base and report_base == "auto":
+        print("[chatrl train] report: SFT and RLHF answers only; the base model's are left out to "
+              "give step 3 the time (--report-base on keeps them)", file=sys.stderr, flush=True)
     if resumed is not None and isinstance(resumed.get("actor_learning_rate"), (int, float)):
         cfg = dataclasses.replace(cfg, actor_learning_rate=float(resumed["actor_learning_rate"]))
     elif lr_scale_max > 1.0 and fit < estimate["configured"]:
@@ -353,8 +365,8 @@ def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float,
     # for what the estimate of the report and the step start-ups misses (measured on 15-minute
     # budgets: with no reserve a run ended 13 s past it; with 5%, one ended 1 s short of it by
     # the wall clock, on a machine running slower than its probe)
-    return dataclasses.replace(cfg, max_steps=n,
-                               time_limit=max(room - PPO_SAVE_S - RESERVE * budget, 0.01))  # 0: no limit
+    return dataclasses.replace(cfg, max_steps=n, time_limit=max(room - PPO_SAVE_S - RESERVE * budget,
+                                                                0.01)), with_base  # 0: no limit
 
 
 def train_main(argv: list[str] | None = None, prog: str = "chatrl train",
@@ -377,6 +389,9 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train",
     t_planned = time.time()
     if args.estimate_only:
         return 0
+    # the report's base-model answers: kept unless --report-base off, or a budget short of time
+    # drops them (auto; decided again when step 3 starts)
+    with_base = args.report_base != "off" if estimate is None else estimate["report_base"]
     timings = {}
     for name in wanted:
         cfg = plans[name]
@@ -387,7 +402,8 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train",
         if args.restart:
             cfg = dataclasses.replace(cfg, resume=False, overwrite=True)
         if name == "ppo" and estimate is not None and budget is not None:
-            cfg = _fit_ppo(cfg, estimate, timings, budget, time.time() - t0, lr_scale)
+            cfg, with_base = _fit_ppo(cfg, estimate, timings, budget, time.time() - t0, lr_scale,
+                                      args.report_base)
         print(f"[chatrl train] step {name} -> {cfg.output_dir}", file=sys.stderr, flush=True)
         t = time.time()
         if prefix is None:
@@ -402,7 +418,8 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train",
     if args.report and "ppo" in plans and step_done("ppo", plans["ppo"]):
         from .report import write_report
 
-        report = write_report(Path(args.output_dir), plans, timings, n_prompts=args.report_prompts)
+        report = write_report(Path(args.output_dir), plans, timings, n_prompts=args.report_prompts,
+                              with_base=with_base)
         print(f"[chatrl train] report: {report}", file=sys.stderr)
     done = f"[chatrl train] finished in {time.time() - t0:.0f}s"
     if estimate is not None:  # what the estimate covered: from its print to here

@@ -119,7 +119,10 @@ def paired_gain(before: list[float] | None, after: list[float] | None) -> tuple[
 
 
 def write_report(root: Path, plans: dict, timings: dict, n_prompts: int = 96,
-                 max_new_tokens: int = 48, temperature: float = 0.7, seed: int = 0) -> Path:
+                 max_new_tokens: int = 48, temperature: float = 0.7, seed: int = 0,
+                 with_base: bool = True) -> Path:
+    """with_base False: only the SFT and RLHF models answer (chatrl train --report-base: a time
+    budget too short for every PPO iteration gives step 3 the base model's third)."""
     from .evaluate import compare_models
     from .models import read_meta
 
@@ -130,6 +133,8 @@ def write_report(root: Path, plans: dict, timings: dict, n_prompts: int = 96,
     prompts, judged = _report_prompts(plans, n_prompts)
     base = read_meta(dirs["sft"] / "model").get("base_model") or plans["sft"].model_name_or_path
     models = {"base": base, "SFT": str(dirs["sft"] / "model"), "RLHF": str(dirs["ppo"] / "actor")}
+    if not with_base:
+        del models["base"]
     from .budget import REPORT_DECODE_BATCH
 
     res = compare_models(models, prompts, judge=judged, max_new_tokens=max_new_tokens,
@@ -143,6 +148,11 @@ def write_report(root: Path, plans: dict, timings: dict, n_prompts: int = 96,
                   "| model | judge score |", "|---|---|"]
         lines += [f"| {k} | {v.mean_score:+.3f} |" for k, v in res.items()]
         lines.append("")
+    if not with_base:
+        lines += [f"The base model (`{base}`) did not answer: the time budget could not hold every "
+                  "PPO iteration and its answers too (`chatrl train --report-base on` keeps them; "
+                  f"`chatrl eval prompts --base {base} --finetuned {models['RLHF']}` compares it).", ""]
+    if judged:
         gain = paired_gain(res["SFT"].scores, res["RLHF"].scores)
         if gain is not None:
             lines += [f"RLHF - SFT: {gain[0]:+.3f}, standard error {gain[1]:.3f} (the same prompts, "

@@ -6,12 +6,14 @@
   1 iteration and says so; step 3 gets its configured 4 with the budget's time limit (recorded in
   run_config.yaml), and the limit stops it after iteration 1. With `--budget-lr-scale 3` the
   actor's learning rate is doubled (sqrt(4 / 1)) for the one iteration that fits.
+- `--report-base off`: the report's answers come from the SFT and RLHF models only, and it says so.
 - `chatrl ppo ... time_limit=0.01 max_steps=3`: stops after iteration 1, says why, and still
   saves a loadable actor.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -24,8 +26,8 @@ D = r"\d+(m\d\d)?s"  # a duration as printed: 45s, 1m05s
 
 def test_estimate_budget_and_time_limit(tmp_path):
     out = tmp_path / "out"
-    proc = chatrl("train", "--preset", "smoke", "--output-dir", out, "--time-budget", "1", "--no-report",
-                  "--budget-lr-scale", "3", timeout=400, cwd=tmp_path)
+    proc = chatrl("train", "--preset", "smoke", "--output-dir", out, "--time-budget", "1", "--report-prompts", "4",
+                  "--report-base", "off", "--budget-lr-scale", "3", timeout=400, cwd=tmp_path)
     err = proc.stderr
     assert "estimated time ~" in err and "time budget 1s" in err, err[-3000:]
     for line in ("step 1 sft ~", "step 2 rm ~", "step 3 ppo ~"):
@@ -38,6 +40,12 @@ def test_estimate_budget_and_time_limit(tmp_path):
     for step in ("sft", "rm", "ppo"):  # each step's time beside its estimate, then the whole run's
         assert re.search(rf"step {step} took {D}, estimated ~{D}", err), err[-3000:]
     assert re.search(rf"finished in \d+s; the steps and report took {D}, estimated ~{D}", err), err[-3000:]
+    # --report-base off: the report's answers are the SFT and RLHF models' only, and it says so
+    report = (out / "report.md").read_text()
+    assert re.search(r"^\| RLHF \| [+-]\d\.\d{3} \|$", report, re.M) and "| base |" not in report, report
+    assert "The base model (`" in report and "did not answer" in report and "--report-base on" in report
+    assert "RLHF - SFT: " in report
+    assert set(json.loads((out / "report.json").read_text())) == {"SFT", "RLHF"}
     saved = yaml.safe_load((ppo / "run_config.yaml").read_text())
     assert saved["max_steps"] == 4 and 0 < saved["time_limit"] < 1.0
     # 1 of 4 iterations fits: the actor's rate (the preset's 1e-4) x sqrt(4 / 1), under the cap of 3

@@ -67,6 +67,30 @@ def test_the_probe_times_fp16_rollout_weights_only_where_step_3_uses_them():
     assert probe(path, "bf16", (2,), seq=16, layers_unfrozen=1, rollout_weights=("fp16", 3, 1)).rollout_decode_s == {}
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_the_probe_times_the_reports_decode_in_fp32_whatever_the_runs_precision(monkeypatch, dtype):
+    """The report generates in fp32 (chatrl.evaluate.generate_answers) even in a bf16 run, so the
+    probe times its batch's decode step in fp32, the rollout's in the run's precision, and the
+    report's estimate uses the former."""
+    import torch
+
+    import chatrl.engine.hybrid as hybrid
+    from chatrl.budget import probe
+    from chatrl.models import resolve_model_path
+
+    seen, real = [], hybrid.hf_generate
+
+    def spy(model, prompt, *a, **kw):
+        seen.append((prompt.shape[0], next(model.parameters()).dtype))
+        return real(model, prompt, *a, **kw)
+
+    monkeypatch.setattr(hybrid, "hf_generate", spy)
+    r = probe(resolve_model_path("tiny-llama"), dtype, (2,), seq=16, layers_unfrozen=1, report_batch=3)
+    run = torch.bfloat16 if dtype == "bf16" else torch.float32
+    assert {d for b, d in seen if b == 2} == {run} and {d for b, d in seen if b == 3} == {torch.float32}
+    assert set(r.decode_s) == {2} and set(r.report_decode_s) == {3} and 3 in r.multinomial_s
+
+
 def test_the_probe_times_llamacpp_rollouts_and_their_weight_conversion_where_they_apply():
     """--generation-backend llamacpp: the probe times a decode step through llama.cpp at the
     rollout batch and one rollout's conversion of the weights (the trained blocks'); an actor
@@ -104,6 +128,11 @@ def test_the_report_estimate_counts_each_batch_prefill_and_the_samplers_draws(tm
     assert pl.report(96) == pytest.approx(3 * (prefill + decode) + STEP_OVERHEAD_S["report"])
     r.multinomial_s = {REPORT_DECODE_BATCH: 0.005}
     assert pl.report(96) == pytest.approx(3 * (prefill + decode + 2 * 48 * 0.005) + STEP_OVERHEAD_S["report"])
+    # the report's decode as the probe timed it in fp32, where the run's precision differs
+    r.report_decode_s = {REPORT_DECODE_BATCH: 0.03}
+    assert pl.report(96) == pytest.approx(3 * (prefill + 3 * decode + 2 * 48 * 0.005) + STEP_OVERHEAD_S["report"])
+    assert pl.report(96, models=2) == pytest.approx(2 * (prefill + 3 * decode + 2 * 48 * 0.005)
+                                                    + STEP_OVERHEAD_S["report"])
 
 
 def _ppo_cfg(tmp_path, lr=5e-5):
@@ -113,8 +142,10 @@ def _ppo_cfg(tmp_path, lr=5e-5):
 
 
 def _estimate(per_iteration=20.0):
+    """A plan_train result: the report takes 60 s with the base model's answers, 40 s without."""
     return {"steps": {"sft": 60.0, "rm": 60.0}, "report": 60.0, "per_iteration": per_iteration,
-            "configured": 26}
+            "configured": 26, "report_all": 60.0, "report_two": 40.0, "report_full": 60.0,
+            "report_base": True}
 
 
 @pytest.mark.parametrize("lr_max, fit, factor", [
@@ -131,7 +162,8 @@ def test_fewer_iterations_than_configured_raise_the_actors_learning_rate(tmp_pat
     timings = {"sft": 60.0, "rm": 60.0}  # as estimated: no rescaling
     # what is left after the report (60 s) and step 3's start-up holds `fit` iterations of 20 s
     elapsed = 900 - 60 - STEP_OVERHEAD_S["ppo"] - 20 * fit - 5
-    cfg = _fit_ppo(_ppo_cfg(tmp_path), _estimate(), timings, 900.0, elapsed, lr_scale_max=lr_max)
+    cfg, _ = _fit_ppo(_ppo_cfg(tmp_path), _estimate(), timings, 900.0, elapsed, lr_scale_max=lr_max,
+                      report_base="on")
     err = capsys.readouterr().err
     assert f"~{fit} iterations fit" in err, err
     assert cfg.max_steps == 26 and cfg.actor_learning_rate == pytest.approx(5e-5 * factor)
@@ -149,7 +181,7 @@ def test_a_resumed_step_3_keeps_the_learning_rate_it_was_planned_with(tmp_path):
     (tmp_path / "ppo" / "checkpoints").mkdir(parents=True)
     (tmp_path / "ppo" / "run_config.yaml").write_text(yaml.safe_dump({"max_steps": 26,
                                                                       "actor_learning_rate": 7.5e-5}))
-    out = _fit_ppo(cfg, _estimate(), {"sft": 60.0, "rm": 60.0}, 900.0, 600.0, lr_scale_max=2.0)
+    out, _ = _fit_ppo(cfg, _estimate(), {"sft": 60.0, "rm": 60.0}, 900.0, 600.0, lr_scale_max=2.0)
     assert out.actor_learning_rate == pytest.approx(7.5e-5) and out.max_steps == 26
 
 
@@ -178,10 +210,64 @@ def test_the_budget_suggested_for_every_iteration_is_the_least_whole_minute_whos
     assert budget % 60 == 0
 
     def limit(b):  # steps 1-2 as estimated, after the probe
-        return _fit_ppo(_ppo_cfg(tmp_path), plan, {"sft": 60.0, "rm": 60.0}, b, probe + 120.0).time_limit
+        return _fit_ppo(_ppo_cfg(tmp_path), plan, {"sft": 60.0, "rm": 60.0}, b, probe + 120.0,
+                        report_base="on")[0].time_limit
 
     needed = STEP_OVERHEAD_S["ppo"] + 26 * per_iteration
     assert limit(budget) >= needed > limit(budget - 60)
+
+
+@pytest.mark.parametrize("mode, per, left, with_base, fit", [
+    ("auto", 20, 60 + 25 + 26 * 20, True, 26),   # every iteration fits with the base model's answers
+    ("auto", 20, 60 + 25 + 12 * 20, False, 13),  # 12 fit with them, 13 without: leave them out
+    ("auto", 37, 60 + 25 + 10 * 37, True, 10),   # 10 fit without them too (20 s < 37): nothing to gain
+    ("on", 20, 60 + 25 + 12 * 20, True, 12),
+    ("off", 20, 60 + 25 + 26 * 20, False, 26),
+])
+def test_the_report_leaves_the_base_model_out_only_where_that_buys_ppo_iterations(
+        tmp_path, capsys, mode, per, left, with_base, fit):
+    """--report-base auto: when step 3 starts, the base model's answers (a third of the report)
+    are left out only where the budget cannot hold every PPO iteration with them and leaving them
+    out makes room for at least one more; on / off decide by themselves."""
+    from chatrl.pipeline import _fit_ppo
+
+    cfg, base = _fit_ppo(_ppo_cfg(tmp_path), _estimate(per), {"sft": 60.0, "rm": 60.0}, 900.0, 900.0 - left,
+                         report_base=mode)
+    err = capsys.readouterr().err
+    assert base == with_base and f"~{fit} iterations fit" in err, err
+    assert ("the base model's are left out" in err) == (mode == "auto" and not with_base), err
+    report = 60.0 if with_base else 40.0
+    assert cfg.time_limit == pytest.approx(left - report - 10.0 - 0.07 * 900)
+
+
+def test_the_estimate_plans_step_3_with_the_report_it_will_write(tmp_path):
+    """plan_train, through the real Planner (tiny model, given rates): a budget that holds every
+    PPO iteration keeps the base model's answers; one a few iterations short plans the report
+    without them, says so, and gives step 3 the seconds; the budget it names for every iteration
+    is one whose report has the base model again."""
+    from chatrl.budget import STEP_OVERHEAD_S, budget_for_all, plan_train
+    from chatrl.pipeline import build_parser, plan_steps
+
+    plans = plan_steps(build_parser().parse_args(["--actor-model", "tiny", "--output-dir", str(tmp_path)]))
+    rates = Rates("fp32", 1e9, 1e9, 1e-9, decode_s={16: 0.01, 48: 0.5})  # a slow report
+    free = plan_train(plans, rates, ["sft", "rm", "ppo"], 96, None)
+    assert free["report_base"] and free["report"] == free["report_all"] > free["report_two"]
+    per, n = free["per_iteration"], free["configured"]
+    before = sum(free["steps"][k] for k in ("sft", "rm")) + STEP_OVERHEAD_S["ppo"]
+    plenty = plan_train(plans, rates, ["sft", "rm", "ppo"], 96, before + free["report_all"] + n * per + 1)
+    assert plenty["report_base"] and plenty["ppo_iters"] == n and "left out" not in plenty["text"]
+    # iterations short with the base model's answers, more than leaving them out wins back
+    gain = int((free["report_all"] - free["report_two"]) // per)
+    assert gain >= 1
+    budget = before + free["report_all"] + (n - gain - 2) * per + 1
+    short = plan_train(plans, rates, ["sft", "rm", "ppo"], 96, budget)
+    assert not short["report_base"] and short["report"] == short["report_two"]
+    assert short["ppo_iters"] == n - 2
+    assert "the base model's left out to give step 3 the time" in short["text"], short["text"]
+    assert short["report_full"] == free["report_all"]
+    kept = plan_train(plans, rates, ["sft", "rm", "ppo"], 96, budget, report_base="on")
+    assert kept["report_base"] and kept["ppo_iters"] == n - gain - 2
+    assert budget_for_all(short) == budget_for_all(kept)
 
 
 def test_the_time_budget_counts_from_the_process_start_not_from_the_first_step():

@@ -453,9 +453,10 @@ def fit_iterations(room: float, per_iteration: float, configured: int) -> int:
 def report_with_base(mode: str, room: float, per_iteration: float, configured: int,
                      report_all: float, report_two: float) -> bool:
     """Whether the report also answers with the base model (`--report-base`): "on", "off", or
-    "auto": only where step 3 still fits every configured iteration in the `room` seconds left
-    for it and the report. Leaving the base out saves a third of the report (on a CPU half as fast
-    as a 2-core AVX2 one, ~55 s: one or two PPO iterations)."""
+    "auto": yes where every configured PPO iteration fits in the `room` seconds left for step 3
+    and the report with it, or where leaving it out would not fit one more iteration. Leaving it
+    out saves a third of the report (~55 s on a CPU half as fast as a 2-core AVX2 one, where an
+    iteration takes 27-37 s)."""
     if mode != "auto":
         return mode == "on"
     return fit_iterations(room - report_all, per_iteration, configured) >= configured \

@@ -312,6 +312,27 @@ def _resumed_iters(ppo_cfg) -> int | None:
     return _planned_iters(_resumed_config(ppo_cfg))
 
 
+def _estimate_scale(estimate: dict, timings: dict) -> float:
+    """How long the steps run so far took against their estimates (within 0.5-2x; 1 before any)."""
+    ran = [k for k in timings if k in estimate["steps"]]
+    if not ran:
+        return 1.0
+    scale = sum(timings[k] for k in ran) / max(sum(estimate["steps"][k] for k in ran), 1e-9)
+    return min(max(scale, 0.5), 2.0)
+
+
+def _report_base_after_ppo(with_base: bool, mode: str, estimate: dict | None, timings: dict,
+                           budget: float | None, elapsed: float) -> bool:
+    """--report-base auto, after step 3: the base model's answers, left out when step 3 started,
+    come back where the budget still holds the whole report (step 3 ended before its limit, e.g.
+    every iteration ran on a machine faster than the steps before it suggested)."""
+    from .budget import RESERVE
+
+    if with_base or mode != "auto" or estimate is None or budget is None:
+        return with_base
+    return budget - elapsed - RESERVE * budget >= estimate["report_all"] * _estimate_scale(estimate, timings)
+
+
 def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float,
              lr_scale_max: float = 1.0, report_base: str = "auto"):
     """Step 3's config with its iteration count and time limit for what is left of the budget,
@@ -327,11 +348,7 @@ def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float,
     against +0.094). The schedule still spans the configured iterations."""
     from .budget import PPO_SAVE_S, RESERVE, fit_iterations, fmt_duration, report_with_base
 
-    ran = [k for k in timings if k in estimate["steps"]]
-    scale = 1.0
-    if ran:
-        scale = sum(timings[k] for k in ran) / max(sum(estimate["steps"][k] for k in ran), 1e-9)
-        scale = min(max(scale, 0.5), 2.0)
+    scale = _estimate_scale(estimate, timings)
     per_iter, configured = estimate["per_iteration"] * scale, estimate["configured"]
     with_base = report_with_base(report_base, budget - elapsed, per_iter, configured,
                                  estimate["report_all"] * scale, estimate["report_two"] * scale)
@@ -417,6 +434,14 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train",
     actor = step_done(last, plans[last]) or step_done("sft", plans["sft"])
     if args.report and "ppo" in plans and step_done("ppo", plans["ppo"]):
         from .report import write_report
+
+        base_before = with_base
+        with_base = _report_base_after_ppo(with_base, args.report_base, estimate,
+                                           {k: v for k, v in timings.items() if k != "ppo"}, budget,
+                                           time.time() - t0)
+        if with_base and not base_before:
+            print("[chatrl train] report: the base model's answers too (step 3 left the time)",
+                  file=sys.stderr, flush=True)
 
         report = write_report(Path(args.output_dir), plans, timings, n_prompts=args.report_prompts,
                               with_base=with_base)

@@ -240,6 +240,24 @@ def test_the_report_leaves_the_base_model_out_only_where_that_buys_ppo_iteration
     assert cfg.time_limit == pytest.approx(left - report - 10.0 - 0.07 * 900)
 
 
+@pytest.mark.parametrize("mode, planned, left, with_base", [
+    ("auto", False, 0.07 * 900 + 1.5 * 60 + 1, True),   # step 3 left room for the whole report
+    ("auto", False, 0.07 * 900 + 1.5 * 60 - 1, False),  # it did not
+    ("off", False, 900.0, False),
+    ("auto", True, 10.0, True),                          # kept when step 3 started: kept
+])
+def test_the_base_model_answers_after_all_where_step_3_left_the_time(mode, planned, left, with_base):
+    """--report-base auto: the base model's answers, left out when step 3 started, come back when
+    step 3 ends early enough for the whole report (its estimate scaled as steps 1-2 ran: x1.5
+    here), the reserve kept. A bf16 run whose steps 1-2 ran 1.5x their estimates left them out,
+    then ran all 26 iterations and ended 175 s inside the budget."""
+    from chatrl.pipeline import _report_base_after_ppo
+
+    timings = {"sft": 90.0, "rm": 90.0}  # 1.5x the estimates
+    assert _report_base_after_ppo(planned, mode, _estimate(), timings, 900.0, 900.0 - left) == with_base
+    assert _report_base_after_ppo(False, "auto", None, timings, 900.0, 0.0) is False  # no estimate
+
+
 def test_the_estimate_plans_step_3_with_the_report_it_will_write(tmp_path):
     """plan_train, through the real Planner (tiny model, given rates): a budget that holds every
     PPO iteration keeps the base model's answers; one a few iterations short plans the report

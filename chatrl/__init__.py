@@ -1,5 +1,9 @@
 """chatrl: the InstructGPT recipe (SFT -> reward model -> PPO) in one command."""
 
+import time as _time
+
+IMPORTED = _time.time()  # before any heavy import: a time budget's origin (chatrl.cli.process_start)
+
 __version__ = "0.1.0"
 
 _API = ("DeepSpeedRLHFEngine", "DeepSpeedPPOTrainer", "DeepSpeedPPOTrainerUnsupervised")

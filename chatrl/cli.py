@@ -74,18 +74,32 @@ def run_step(step: str, argv: list[str]):
     raise AssertionError(step)
 
 
+# Longest a Python start-up (interpreter, site-packages) may take before it imports chatrl; a
+# process older than that ran something else first (see process_start)
+STARTUP_MAX_S = 10.0
+
+
 def process_start() -> float:
-    """When this process started, on time.time()'s clock. `chatrl train`'s time budget counts from
-    here when it runs as a command, so Python's start-up and imports count too: with a cold page
-    cache the imports and step planning before its estimate took 33 s here (2.7 s warm, ~330 MB
-    read from disk), and a run that counted from after them kept 15 minutes by its own clock
-    (14:13) but took 15:28 by the wall clock, its clock having started 66 s late."""
+    """When this Python program started, on time.time()'s clock. `chatrl train`'s time budget
+    counts from here when it runs as a command, so Python's start-up and imports count too: with a
+    cold page cache the imports and step planning before its estimate took 33 s here (2.7 s warm,
+    ~330 MB read from disk), and a run that counted from after them kept 15 minutes by its own clock
+    (14:13) but took 15:28 by the wall clock, its clock having started 66 s late.
+
+    The process's creation time (psutil), unless it is more than STARTUP_MAX_S older than chatrl's
+    import: a shell that ends in `... && chatrl train` (the README's first command) may exec
+    Python in its own process, which keeps the shell's start, and the budget then counted the
+    ~2 minutes of installs before it. Then the import's time (chatrl.IMPORTED), a little late
+    (the interpreter's own start-up) but not early."""
+    from . import IMPORTED
+
     try:
         import psutil  # a DeepSpeed dependency
 
-        return min(psutil.Process().create_time(), time.time())
-    except Exception:  # noqa: BLE001 - no process table: count from here
-        return time.time()
+        created = min(psutil.Process().create_time(), time.time())
+    except Exception:  # noqa: BLE001 - no process table
+        return IMPORTED
+    return created if IMPORTED - created <= STARTUP_MAX_S else IMPORTED
 
 
 def dispatch(argv: list[str], started: float | None = None) -> int:

@@ -297,6 +297,18 @@ def test_the_time_budget_counts_from_the_process_start_not_from_the_first_step()
     assert float(out.stdout) >= 1.5
 
 
+def test_the_time_budget_does_not_count_what_a_shell_ran_before_it_execd_python():
+    """`bash -c 'pip install ... && chatrl train'` (the README's first command): bash may exec the
+    last command in its own process, whose creation time is then the shell's, before the
+    installs. The fresh-venv run of the README counted its 2 minutes of installs against the
+    budget that way (finished in 792 s by its clock, 794 s with the installs). A process older
+    than chatrl's import by more than a Python start-up counts from the import instead."""
+    code = ("import chatrl.cli as c, time; c.STARTUP_MAX_S = 1.0; print(time.time() - c.process_start())")
+    out = subprocess.run(["bash", "-c", f"sleep 2.5; exec {sys.executable} -c '{code}'"],
+                         capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 2.0, out.stdout
+
+
 def test_the_command_line_passes_its_process_start_and_a_python_caller_its_call(monkeypatch):
     """The command (argv from the command line) hands train_main its process's start; a Python
     caller in a long-lived process (a notebook, the tests) counts from its call."""

@@ -505,8 +505,6 @@ def plan_train(plans: dict, rates: Rates, wanted: list[str], report_prompts: int
             if planned_ppo is None:  # a resumed run keeps its count, and auto keeps the base
                 with_base = report_with_base(report_base, room, per_iter, configured, rep_all, rep_two)
                 n_iters = fit_iterations(room - (rep_all if with_base else rep_two), per_iter, configured)
-            elif report_base == "auto":
-                with_base = True
         rep = rep_all if with_base else rep_two
         est["ppo"] = STEP_OVERHEAD_S["ppo"] + n_iters * per_iter
         lines.append(f"step 3 ppo ~{fmt_duration(est['ppo'])} ({n_iters} iteration{'s' * (n_iters != 1)} x "

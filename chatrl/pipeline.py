@@ -313,8 +313,9 @@ def _resumed_iters(ppo_cfg) -> int | None:
 
 
 def _estimate_scale(estimate: dict, timings: dict) -> float:
-    """How long the steps run so far took against their estimates (within 0.5-2x; 1 before any)."""
-    ran = [k for k in timings if k in estimate["steps"]]
+    """How long steps 1-2 took against their estimates (within 0.5-2x; 1 before any). Step 3 runs
+    to its time limit, not to its estimate, so it does not count."""
+    ran = [k for k in timings if k in estimate["steps"] and k != "ppo"]
     if not ran:
         return 1.0
     scale = sum(timings[k] for k in ran) / max(sum(estimate["steps"][k] for k in ran), 1e-9)
@@ -436,8 +437,7 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train",
         from .report import write_report
 
         base_before = with_base
-        with_base = _report_base_after_ppo(with_base, args.report_base, estimate,
-                                           {k: v for k, v in timings.items() if k != "ppo"}, budget,
+        with_base = _report_base_after_ppo(with_base, args.report_base, estimate, timings, budget,
                                            time.time() - t0)
         if with_base and not base_before:
             print("[chatrl train] report: the base model's answers too (step 3 left the time)",

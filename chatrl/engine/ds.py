@@ -79,6 +79,29 @@ def _skip_shm_comm_op() -> None:
         pass
 
 
+def _zero_check_without_muon() -> None:
+    """DeepSpeed's ZeRO sanity check (`is_zero_supported_optimizer`) imports its Muon optimizer to
+    put it on the supported list, and that import wraps Muon's kernels in torch.compile, which
+    loads the inductor back end: about 2.6 s in every rank of every ZeRO run (bf16 runs use ZeRO-1
+    too), measured on a 2-core EPYC. chatrl's optimizers (AdamW, DeepSpeedCPUAdam) are on the list
+    already: answer for them without the import, and leave any other optimizer to DeepSpeed."""
+    try:
+        from deepspeed.runtime import engine as ds_engine
+        from deepspeed.runtime.zero import utils as zero_utils
+    except ImportError:  # another DeepSpeed layout: its check runs as before
+        return
+    original = getattr(ds_engine, "is_zero_supported_optimizer", None)
+    listed = getattr(zero_utils, "ZERO_SUPPORTED_OPTIMIZERS", None)
+    if original is None or listed is None or getattr(original, "chatrl_listed_first", False):
+        return
+
+    def is_zero_supported_optimizer(optimizer):
+        return type(optimizer) in listed or original(optimizer)
+
+    is_zero_supported_optimizer.chatrl_listed_first = True
+    ds_engine.is_zero_supported_optimizer = is_zero_supported_optimizer
+
+
 # A lock this old, with no process building in its folder, was left by a killed build.
 STALE_LOCK_S = 120.0
 
@@ -324,6 +347,7 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec):
     config = ds_config(spec, world_size())
     if spec.deepspeed_config:
         config = _with_user_config(config, spec.deepspeed_config)
+    _zero_check_without_muon()
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=config)
     track_engine(engine)

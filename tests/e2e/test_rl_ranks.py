@@ -22,20 +22,33 @@ from ppo_helpers import PYTHON, SCRIPTS, child_env, deepspeed_launcher, free_por
 SCRIPT = SCRIPTS / "rl_update_equality.py"
 
 
-def result(out, actor, zero, agg, ranks):
+SETTINGS = [(2, "token_mean"), (3, "seq_mean_token_mean")]
+
+
+def result(out, actor, settings, ranks):
     launcher = [PYTHON] if ranks == 1 else [deepspeed_launcher(), "--num_gpus", str(ranks),
                                            "--master_port", str(free_port())]
-    run([*launcher, SCRIPT, out, actor, str(zero), agg], timeout=400, env=child_env())
+    run([*launcher, SCRIPT, out, actor, *(f"{z}:{a}" for z, a in settings)], timeout=400,
+        env=child_env())
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory, tiny_model_path):
+    """Both settings in one 1-rank process (ZeRO 0) and one 2-rank launch: one start-up each."""
+    tmp = tmp_path_factory.mktemp("rl-ranks")
+    one = result(tmp / "one.json", tiny_model_path, [(0, agg) for _, agg in SETTINGS], 1)
+    two = result(tmp / "two.json", tiny_model_path, SETTINGS, 2)
+    return one, two
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
                     reason="needs 2 GPUs (or none: then 2 CPU ranks)")
-@pytest.mark.parametrize("zero,agg", [(2, "token_mean"), (3, "seq_mean_token_mean")])
-def test_two_ranks_equal_one_rank(tmp_path, tiny_model_path, zero, agg):
-    one = result(tmp_path / "one.json", tiny_model_path, 0, agg, 1)
-    two = result(tmp_path / "two.json", tiny_model_path, zero, agg, 2)
+@pytest.mark.parametrize("zero,agg", SETTINGS)
+def test_two_ranks_equal_one_rank(one_and_two, zero, agg):
+    one, two = (r[agg] for r in one_and_two)
     assert one["world"] == 1 and two["world"] == 2
+    assert one["zero_stage"] == 0 and two["zero_stage"] == zero
     for a, b in zip(one["losses"], two["losses"]):
         assert b == pytest.approx(a, rel=1e-4), (one["losses"], two["losses"])
     assert one["losses"][1] != pytest.approx(one["losses"][0], rel=1e-3)  # the first update moved

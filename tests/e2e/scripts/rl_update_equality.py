@@ -1,15 +1,16 @@
 """Stage 4 (update) of step 3 on a fixed global batch, on 1 rank or under the DeepSpeed launcher,
 for tests/e2e/test_grpo.py's rank-equality test.
 
-    python rl_update_equality.py OUT.json ACTOR ZERO_STAGE AGGREGATION
-    deepspeed --num_gpus 2 rl_update_equality.py OUT.json ACTOR ZERO_STAGE AGGREGATION
+    python rl_update_equality.py OUT.json ACTOR ZERO_STAGE:AGGREGATION [ZERO_STAGE:AGGREGATION ...]
+    deepspeed --num_gpus 2 rl_update_equality.py OUT.json ACTOR ZERO_STAGE:AGGREGATION [...]
 
 The global batch: 2 prompts x 4 answers (GRPO groups) of fixed tokens, answer lengths 1-7 so the
 ranks hold very different token counts (rank 0 the long answers); old log-probs are the actor's
 own, shifted so the clip acts; reference log-probs shifted the other way (k3 KL in the loss).
 Each rank takes its half of the rows (whole groups) and runs chatrl.steps.ppo.update_epochs for 2
-updates. Rank 0 writes the logged global losses of both updates and a fingerprint of the actor
-after them.
+updates. Rank 0 writes, per aggregation, the logged global losses of both updates and a
+fingerprint of the actor after them. Each ZERO_STAGE:AGGREGATION pair builds its own models in
+the same process (one start-up for all of them).
 """
 
 import json
@@ -40,8 +41,8 @@ def global_batch(tok, device):
     return seq, mask, act.to(device), P, scores.to(device), adv
 
 
-def main(out, actor, zero_stage, aggregation):
-    ds.init_distributed()
+@ds.releases_engines  # as a step does: the next setting builds its models from scratch
+def one_setting(actor, zero_stage, aggregation):
     world, rank = ds.world_size(), ds.rank()
     torch.manual_seed(0)
     tok = load_tokenizer(actor, padding_side="left")
@@ -67,10 +68,20 @@ def main(out, actor, zero_stage, aggregation):
         stats, _ = update_epochs(trainer, [exp])
         losses.append(stats[-1]["loss/actor_global"])
     state = ds.full_state_dict(models.actor.module)
-    if rank == 0:
-        fp = {k: [float(v.double().sum()), float(v.double().abs().sum())] for k, v in state.items()}
+    fp = {k: [float(v.double().sum()), float(v.double().abs().sum())] for k, v in state.items()}
+    return {"world": world, "zero_stage": int(zero_stage), "losses": losses, "fingerprint": fp}
+
+
+def main(out, actor, *settings):
+    ds.init_distributed()
+    results = {}
+    for setting in settings:
+        zero_stage, aggregation = setting.split(":")
+        results[aggregation] = one_setting(actor, zero_stage, aggregation)
+        ds.barrier()
+    if ds.rank() == 0:
         with open(out, "w") as f:
-            json.dump({"world": world, "losses": losses, "fingerprint": fp}, f)
+            json.dump(results, f)
     ds.barrier()
 
 

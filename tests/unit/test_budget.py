@@ -91,6 +91,29 @@ def test_the_probe_times_the_reports_decode_in_fp32_whatever_the_runs_precision(
     assert set(r.decode_s) == {2} and set(r.report_decode_s) == {3} and 3 in r.multinomial_s
 
 
+def test_one_stalled_timing_does_not_make_the_reports_decode_estimate(monkeypatch):
+    """The report's estimate rests on one decode step timed at its batch: a stall in one of
+    its timings (another process, the page cache) once put the report at 2:24 for 1:45 taken, and
+    step 3 lost the difference. The probe times that step twice and keeps the faster."""
+    import time
+
+    import chatrl.engine.hybrid as hybrid
+    from chatrl.budget import probe
+    from chatrl.models import resolve_model_path
+
+    real, stalls = hybrid.hf_generate, []
+
+    def stall_once(model, prompt, mask, params, *a, **kw):
+        if prompt.shape[0] == 3 and params.max_new_tokens == 10 and not stalls:
+            stalls.append(1)
+            time.sleep(0.8)  # 0.1 s per decode step of the 8 it is divided into
+        return real(model, prompt, mask, params, *a, **kw)
+
+    monkeypatch.setattr(hybrid, "hf_generate", stall_once)
+    r = probe(resolve_model_path("tiny-llama"), "fp32", (2,), seq=16, layers_unfrozen=1, report_batch=3)
+    assert stalls and r.report_decode_s[3] < 0.05, r.report_decode_s
+
+
 def test_the_probe_times_llamacpp_rollouts_and_their_weight_conversion_where_they_apply():
     """--generation-backend llamacpp: the probe times a decode step through llama.cpp at the
     rollout batch and one rollout's conversion of the weights (the trained blocks'); an actor

@@ -82,7 +82,7 @@ def _skip_shm_comm_op() -> None:
 def _zero_check_without_muon() -> None:
     """DeepSpeed's ZeRO sanity check (`is_zero_supported_optimizer`) imports its Muon optimizer to
     put it on the supported list, and that import wraps Muon's kernels in torch.compile, which
-    loads the inductor back end: about 2.6 s in every rank of every ZeRO run (bf16 runs use ZeRO-1
+    loads the inductor back end: about 1.3 s in every rank of every ZeRO run (bf16 runs use ZeRO-1
     too), measured on a 2-core EPYC. chatrl's optimizers (AdamW, DeepSpeedCPUAdam) are on the list
     already: answer for them without the import, and leave any other optimizer to DeepSpeed."""
     try:

@@ -113,7 +113,7 @@ def test_joining_the_process_group_on_a_cpu_host_builds_no_deepspeed_op():
 
 def test_a_zero_engine_with_chatrls_optimizer_compiles_no_muon_kernel():
     """DeepSpeed's ZeRO sanity check imports its Muon optimizer to put it on the supported list,
-    and that import wraps Muon's kernels in torch.compile: the inductor back end loads, about 2.6 s
+    and that import wraps Muon's kernels in torch.compile: the inductor back end loads, about 1.3 s
     in every rank of every ZeRO run (measured on a 2-core EPYC). chatrl's optimizers are on the
     list already, so no rank imports Muon; the check still refuses an optimizer off the list."""
     import subprocess

@@ -34,6 +34,11 @@ STEP_OVERHEAD_S = {"sft": 12.0, "rm": 12.0, "ppo": 25.0, "report": 10.0}
 # Share of the time budget step 3's time limit keeps back for what the estimates miss, and the
 # seconds it leaves for saving the models after the last iteration (see pipeline._fit_ppo)
 RESERVE, PPO_SAVE_S = 0.07, 10.0
+# Prompt tokens of the probe's decode steps: every timed generate call prefills its prompt, and
+# at 32 tokens those prefills were most of the probe (53-63 s of fp32 on one core held to AVX2,
+# against 32-34 s at 8, for the same decode-step times within their run-to-run spread: at this
+# size a decode step's cost is its weights, not its short KV cache)
+DECODE_PROMPT = 8
 REPORT_DECODE_BATCH = 48  # the report generates its held-out answers in batches of this size
 # Decode steps per rollout, as a fraction of --max-answer-seq-len: a batch is generated until
 # all of its answers end, which at the sampling temperatures used is close to the limit.
@@ -175,7 +180,7 @@ def probe(model_path: str, dtype: str, decode_batches: tuple[int, ...], seq: int
         def decode_step(b: int, generate=None, repeats: int = 1) -> float:
             """One decode step at batch b: 10 new tokens minus 2 (prefill, warm-up cancel) over 8;
             with repeats, the fastest of each (a stall only ever adds time)."""
-            prompt = ids(b, 32)
+            prompt = ids(b, DECODE_PROMPT)
 
             def gen(k):  # the rollout path (sampled, log-probs recorded); k new tokens, no EOS
                 (generate or partial(hf_generate, model))(

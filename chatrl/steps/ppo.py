@@ -432,6 +432,9 @@ def run_ppo(cfg) -> Path:
     name = getattr(cfg, "algo", "ppo")
     algo = cfg.algorithm()
     t_step = time.time()  # --time-limit counts from here: loading and set-up included
+    # the reward sources first: a bad --reward-fn or --reward-weights is refused before the output
+    # folder is claimed or anything loads
+    sources, weights = reward_sources(cfg)
     # 0. set-up
     run = common.start_run(cfg, name)
     if run.finished:  # --resume of a finished step
@@ -465,8 +468,7 @@ def run_ppo(cfg) -> Path:
     # PTX takes its own actor optimizer step after each PPO step: the actor's schedule counts both
     actor_steps = opt_steps * (2 if cfg.unsupervised_dataset_name else 1)
 
-    # 2. reward sources, models
-    sources, weights = reward_sources(cfg)
+    # 2. models (the reward sources are built above)
     models = build_models(cfg, tokenizer, opt_steps, run.dtype, actor_total_steps=actor_steps)
     for source in sources:
         if hasattr(source, "model") and source.model is None:

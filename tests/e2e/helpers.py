@@ -133,6 +133,17 @@ def assert_rel(a: float, b: float, rel: float, what: str = "") -> None:
     assert rel_err(a, b) <= rel, f"{what}: {a!r} vs {b!r} (relative error {rel_err(a, b):.3g} > {rel})"
 
 
+def cli_error(capsys, *argv) -> str:
+    """Run `chatrl ARGV` in-process; assert exit 2 and return its single error line."""
+    from chatrl.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    return error_line(err)
+
+
 def error_line(stderr: str) -> str:
     """The single `chatrl: error: ...` line of a failed run's stderr (asserting there is one and no
     traceback)."""

@@ -13,21 +13,10 @@ import math
 import pytest
 import torch
 
-from helpers import TINY, chatrl, error_line, losses
+from helpers import TINY, chatrl, cli_error, error_line, losses
 
 BAD_ROW = 7
 N_ROWS = 20
-
-
-def cli_error(capsys, *argv) -> str:
-    """Run `chatrl ARGV` in-process; assert exit 2 and return its single error line."""
-    from chatrl.cli import main
-
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    return error_line(err)
 
 
 @pytest.fixture

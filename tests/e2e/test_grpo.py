@@ -9,7 +9,8 @@ column. Step 1 (SFT, once per module) teaches the tiny model to answer "yes" 30%
   extra columns, aligned answer by answer, and mixed with a reward model by --reward-weights gives
   reward/score = sum of weight x source mean (each source logged on its own);
 - a reward function that raises stops the run with one line naming it and the sample, or with
-  --skip-bad-rewards is scored 0 and counted;
+  --skip-bad-rewards is scored 0 and counted; a --reward-fn the file does not define, or
+  --reward-weights that do not match, are refused before the output folder is claimed;
 - a reward server on 127.0.0.1 scores the answers; with the server down the run stops with one
   line;
 - killed after a checkpoint and resumed, the run logs the same remaining metrics as an
@@ -26,7 +27,7 @@ import random
 
 import pytest
 
-from helpers import KILL_DRIVER, error_line, free_port
+from helpers import KILL_DRIVER, cli_error, error_line, free_port
 from ppo_helpers import PYTHON, chatrl, child_env, init_in_process, metrics, one_thread, run
 from ppo_helpers import ppo_models  # noqa: F401  (session fixture)
 
@@ -62,11 +63,15 @@ def task(tmp_path_factory):
     return root, str(root / "sft" / "model"), str(prompts)
 
 
-def grpo(task, out, *args, check=True, cmd="grpo", env=None):
+def grpo_args(task, out, *args, cmd="grpo"):
     root, actor, prompts = task
-    return run([PYTHON, "-m", "chatrl", cmd, "--actor_model_name_or_path", actor, "--data_path",
-                prompts, *RL, "--output_dir", out, *args], timeout=400, check=check,
-               env=child_env(**(env or {})))
+    return [cmd, "--actor_model_name_or_path", actor, "--data_path", prompts, *RL, "--output_dir", out,
+            *args]
+
+
+def grpo(task, out, *args, check=True, cmd="grpo", env=None):
+    return run([PYTHON, "-m", "chatrl", *grpo_args(task, out, *args, cmd=cmd)], timeout=400,
+               check=check, env=child_env(**(env or {})))
 
 
 def mean(xs):
@@ -181,9 +186,22 @@ def test_failing_reward_function_stops_with_one_line_or_is_skipped(task, tmp_pat
     r = metrics(tmp_path / "b")[0]
     assert r["reward/broken/bad"] > 0 and r["reward/broken/mean"] < 0.5, r
     assert ok.returncode == 0
-    # a file that does not define the name: a one-line error before any model loads
-    res = grpo(task, tmp_path / "c", "--reward_fn", f"{fn}:nope", "--max_steps", "1", check=False)
-    assert "has no 'nope' (it defines: topic_reward, broken)" in error_line(res.stderr)
+
+
+
+def test_reward_choices_are_refused_before_the_run_starts(task, tmp_path, capsys):
+    """A --reward-fn name the file does not define, or --reward-weights that do not match the
+    sources: one line, before any model loads or the output folder is claimed (in-process: the
+    real entry point, which must return before it starts the run)."""
+    fn = tmp_path / "my_rewards.py"
+    fn.write_text(REWARD_FILE)
+    for args, want in [
+        (["--reward_fn", f"{fn}:nope"], "has no 'nope' (it defines: topic_reward, broken)"),
+        (["--reward_fn", "exact", "--reward_weights", "1", "2"], "--reward-weights has 2 value(s) for 1"),
+    ]:
+        out = tmp_path / "out"
+        assert want in cli_error(capsys, *grpo_args(task, out, *args, "--max_steps", "1")), args
+        assert not out.exists(), args
 
 
 def test_remote_reward_server_and_server_down(task, tmp_path):
@@ -285,18 +303,17 @@ def test_no_reference_or_critic_when_not_needed(task, tmp_path):
         assert not any(p.requires_grad for p in m.ref.parameters())
 
 
-def test_rl_config_errors_are_one_line(task, tmp_path):
+def test_rl_config_errors_are_one_line(task, tmp_path, capsys):
     cases = [
         (["--algo", "grpo", "--num_generations", "1"], "num_generations >= 2"),
-        (["--reward_fn", "exact", "--reward_weights", "1", "2"], "--reward-weights has 2 value(s) for 1"),
         (["--reward_fn", "exact", "--per_device_training_batch_size", "5"],
          "--per-device-generation-batch-size 4 x --num-generations 8 = 32 answers is not a "
          "multiple of --per-device-training-batch-size 5"),
     ]
     for args, want in cases:
-        res = grpo(task, tmp_path / "x", *args, "--max_steps", "1", check=False)
-        assert res.returncode == 2, (args, res.stderr[-1500:])
-        assert want in error_line(res.stderr), (args, res.stderr[-500:])
+        out = tmp_path / "x"
+        assert want in cli_error(capsys, *grpo_args(task, out, *args, "--max_steps", "1")), args
+        assert not out.exists(), args
 
 
 def test_train_algo_grpo_runs_step_1_then_grpo(tmp_path):

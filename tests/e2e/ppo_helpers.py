@@ -196,8 +196,22 @@ def sft_rm_models(root: Path) -> tuple[str, str]:
 
 @pytest.fixture(scope="session")
 def ppo_models(tmp_path_factory):
-    """Session fixture (imported by the test files that need it): step-1 and step-2 outputs."""
-    return sft_rm_models(tmp_path_factory.mktemp("sft-rm"))
+    """Session fixture (imported by the test files that need it): step-1 and step-2 outputs,
+    built once per test session: under pytest-xdist the first worker to ask builds them in the
+    session's shared temporary folder and the others wait for it (a file lock) and read them."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return sft_rm_models(tmp_path_factory.mktemp("sft-rm"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "sft-rm"  # this session's, not a worker's
+    with FileLock(f"{shared}.lock"):
+        done = shared / "built"
+        if not done.exists():
+            shutil.rmtree(shared, ignore_errors=True)  # a worker that failed half-way
+            shared.mkdir()
+            sft_rm_models(shared)
+            done.touch()
+    return str(shared / "sft" / "model"), str(shared / "rm" / "model")
 
 
 def boost_eos(src: str, dst: Path, strength: float = 4.0) -> str:

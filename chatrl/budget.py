@@ -1,12 +1,12 @@
 """How long `chatrl train` will take, said before step 1, and a time budget that sizes step 3.
 
-A short probe (29 s in fp32 on a 2-core EPYC held to AVX2, 35-55 s on one such core) times the base model on this machine in the run's
-precision: a training step (forward + backward + optimizer) and a no-grad forward, giving FLOP
-rates, and one decode step at the rollout batch and at the report's batch (with, for the report,
-one draw of Transformers' multinomial sampler at its batch). Each step's time is
-then its counted work (chatrl.engine.flops, with the frozen layers of --num-layers-unfrozen; the
-token counts of its own tokenized data, padded per batch as the step pads them) divided by those
-rates, plus a fixed cost per step for loading and saving models.
+A short probe (29 s in fp32 on a 2-core EPYC held to AVX2, 35-55 s on one such core) times the base
+model on this machine in the run's precision: a training step (forward + backward + optimizer) and
+a no-grad forward, giving FLOP rates, and one decode step at the rollout batch and at the report's
+batch (with, for the report, one draw of Transformers' multinomial sampler at its batch). Each
+step's time is then its counted work (chatrl.engine.flops, with the frozen layers of
+--num-layers-unfrozen; the token counts of its own tokenized data, padded per batch as the step
+pads them) divided by those rates, plus a fixed cost per step for loading and saving models.
 
 With a budget (`chatrl train --time-budget 15m`; the cpu-default preset sets 15 minutes) the
 number of PPO iterations is planned so that the whole run fits, and planned again when step 3

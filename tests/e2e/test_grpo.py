@@ -188,7 +188,6 @@ def test_failing_reward_function_stops_with_one_line_or_is_skipped(task, tmp_pat
     assert ok.returncode == 0
 
 
-
 def test_reward_choices_are_refused_before_the_run_starts(task, tmp_path, capsys):
     """A --reward-fn name the file does not define, or --reward-weights that do not match the
     sources: one line, before any model loads or the output folder is claimed (in-process: the

@@ -135,6 +135,26 @@ def test_a_zero_engine_with_chatrls_optimizer_compiles_no_muon_kernel():
     assert "odd: False" in r.stdout, r.stdout
 
 
+def test_the_process_group_is_gone_before_the_interpreter_finalizes():
+    """A chatrl process destroys its process group at exit while Python is still whole. Left to
+    interpreter finalization, Gloo's threads can abort the process after its work is done: once in
+    a suite run `chatrl sft --resume` printed its one-line error and then died of SIGABRT
+    ("terminate called without an active exception"), exit status -6 instead of 2. An exit
+    handler registered before the group starts runs after chatrl's (last in, first out)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, torch.distributed as dist\n"
+        "atexit.register(lambda: print('at exit, group alive:', dist.is_initialized(), flush=True))\n"
+        "from chatrl.engine import ds; ds.init_distributed()\n"
+        "print('started:', dist.is_initialized(), flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "started: True" in r.stdout and "at exit, group alive: False" in r.stdout, r.stdout
+
+
 def test_the_file_adds_what_chatrl_does_not_set():
     merged, notes = merge_deepspeed_config(ours(zero_stage=2), {
         "zero_optimization": {"reduce_bucket_size": 5e7, "stage": 2},

@@ -111,14 +111,22 @@ def test_joining_the_process_group_on_a_cpu_host_builds_no_deepspeed_op():
     assert "op: None" in r.stdout and "built successfully" not in r.stdout + r.stderr
 
 
+def _python(code: str) -> str:
+    """stdout of `python -c CODE` in a fresh process (asserting it exits 0)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
 def test_a_zero_engine_with_chatrls_optimizer_compiles_no_muon_kernel():
     """DeepSpeed's ZeRO sanity check imports its Muon optimizer to put it on the supported list,
     and that import wraps Muon's kernels in torch.compile: the inductor back end loads, about 1.3 s
     in every rank of every ZeRO run (measured on a 2-core EPYC). chatrl's optimizers are on the
     list already, so no rank imports Muon; the check still refuses an optimizer off the list."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, torch; from chatrl.engine import ds; ds.init_distributed()\n"
         "spec = ds.EngineSpec(zero_stage=2, micro_batch=1)\n"
@@ -128,11 +136,8 @@ def test_a_zero_engine_with_chatrls_optimizer_compiles_no_muon_kernel():
         "from deepspeed.runtime import engine as e\n"
         "class Odd(torch.optim.SGD): pass\n"
         "print('odd:', e.is_zero_supported_optimizer(Odd(torch.nn.Linear(2, 2).parameters(), lr=1)))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "muon: False" in r.stdout and "inductor: False" in r.stdout, r.stdout
-    assert "odd: False" in r.stdout, r.stdout
+    out = _python(code)
+    assert "muon: False" in out and "inductor: False" in out and "odd: False" in out, out
 
 
 def test_the_process_group_is_gone_before_the_interpreter_finalizes():
@@ -141,18 +146,13 @@ def test_the_process_group_is_gone_before_the_interpreter_finalizes():
     a suite run `chatrl sft --resume` printed its one-line error and then died of SIGABRT
     ("terminate called without an active exception"), exit status -6 instead of 2. An exit
     handler registered before the group starts runs after chatrl's (last in, first out)."""
-    import subprocess
-    import sys
-
     code = (
         "import atexit, torch.distributed as dist\n"
         "atexit.register(lambda: print('at exit, group alive:', dist.is_initialized(), flush=True))\n"
         "from chatrl.engine import ds; ds.init_distributed()\n"
         "print('started:', dist.is_initialized(), flush=True)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "started: True" in r.stdout and "at exit, group alive: False" in r.stdout, r.stdout
+    out = _python(code)
+    assert "started: True" in out and "at exit, group alive: False" in out, out
 
 
 def test_the_file_adds_what_chatrl_does_not_set():

@@ -384,8 +384,12 @@ class Planner:
 
     def ppo_iteration(self) -> tuple[float, str, int]:
         """(seconds per PPO iteration: rollout (prefill + decode steps), scoring forwards, updates;
-        what they are; the iterations step 3 runs as configured)."""
+        what they are; the iterations step 3 runs as configured). Follows the step's algorithm:
+        G answers per prompt (each distinct prompt forwarded once in the scoring and training
+        passes, stages.shared_prompt_logits), and a critic only where it has one."""
         cfg = self.plans["ppo"]
+        algo = cfg.algorithm()
+        G = algo.num_generations
         train, _ = self._tokenized("ppo")
         gb = cfg.per_device_generation_batch_size * cfg.generation_batches
         prompt_tokens = padded_tokens([len(x) for x in train["prompt_input_ids"]],
@@ -398,22 +402,28 @@ class Planner:
         a_train, a_fwd, a_trained, a_frozen = _flops_per_token(actor_path, cfg.actor_num_layers_unfrozen)
         c_train, c_fwd, c_trained, c_frozen = _flops_per_token(critic_path, cfg.critic_num_layers_unfrozen,
                                                                reward=True)
-        c_score, a_score = 2 * c_fwd, a_fwd
+        if not algo.uses_critic:
+            c_train = c_trained = c_frozen = 0
+        c_score, a_score = c_fwd * (2 if algo.uses_critic else 1), a_fwd  # reward model (+ critic)
         r = self.rates
-        if cfg.share_frozen_trunk:  # the frozen blocks run once per rollout (chatrl.engine.trunk)
+        # the frozen blocks run once per rollout (chatrl.engine.trunk); not with G answers per prompt
+        if cfg.share_frozen_trunk and G == 1:
             a_train, c_train, c_score = a_train - a_frozen, c_train - c_frozen, c_score - c_frozen
             from .engine.trunk import rollout_records_trunk
 
             if rollout_records_trunk(r.dtype, r.rollout_weights, r.rollout_backend):
                 a_score -= a_frozen  # the rollout records the actor's trunk: the reference skips it
-        seq_tokens = gb * (P + A * DECODE_FRACTION)
-        t_gen = (gb * P * a_fwd / r.forward_flops_per_s
+        rollouts, answers = gb * G, gb * G * A * DECODE_FRACTION
+        seq_tokens = rollouts * P + answers   # every row forwarded whole (reward model, critic)
+        shared = gb * P + answers             # the actor's and reference's passes: prompts once
+        t_gen = (rollouts * P * a_fwd / r.forward_flops_per_s
                  + cfg.generation_batches * (A * DECODE_FRACTION
-                                             * decode_time(r, cfg.per_device_generation_batch_size, rollout=True)
+                                             * decode_time(r, cfg.per_device_generation_batch_size * G,
+                                                           rollout=True)
                                              + r.rollout_sync_s))
-        t_score = seq_tokens * (a_score + c_score) / r.forward_flops_per_s
-        opt_steps = cfg.ppo_epochs * max(1, gb // cfg.per_device_training_batch_size) // cfg.gradient_accumulation_steps
-        t_train = (cfg.ppo_epochs * seq_tokens * (a_train + c_train) / r.train_flops_per_s
+        t_score = (seq_tokens * c_score + shared * a_score) / r.forward_flops_per_s
+        opt_steps = cfg.ppo_epochs * max(1, rollouts // cfg.per_device_training_batch_size) // cfg.gradient_accumulation_steps
+        t_train = (cfg.ppo_epochs * (shared * a_train + seq_tokens * c_train) / r.train_flops_per_s
                    + opt_steps * (a_trained + c_trained) * r.optimizer_s_per_param)
         factor = PPO_ITERATION_FACTOR.get(r.dtype, 1.0) if not torch.cuda.is_available() else 1.0
         t_gen, t_score, t_train = (factor * t for t in (t_gen, t_score, t_train))

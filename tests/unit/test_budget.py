@@ -346,3 +346,28 @@ def test_the_command_line_passes_its_process_start_and_a_python_caller_its_call(
     monkeypatch.setattr(sys, "argv", ["chatrl", "train", "--estimate-only"])
     assert cli.main() == 0
     assert seen[0] is None and seen[1] == pytest.approx(cli.process_start()) and seen[1] < time.time()
+
+
+def test_the_ppo_iteration_estimate_follows_the_steps_algorithm(tmp_path):
+    """The iteration the budget plans is the one step 3 runs: a critic-free estimator
+    (REINFORCE++, RLOO) trains and scores no critic, and G answers per prompt decode G times the
+    rows (the scoring and training passes forward each distinct prompt once)."""
+    from chatrl.budget import Planner
+    from chatrl.pipeline import build_parser, plan_steps
+
+    def per_iteration(*overrides):
+        plans = plan_steps(build_parser().parse_args(
+            ["--actor-model", "tiny", "--output-dir", str(tmp_path), *overrides]))
+        rates = Rates("fp32", 1e9, 1e9, 1e-9, decode_s={4: 0.01, 16: 0.02, 64: 0.05})
+        return Planner(plans, rates).ppo_iteration()[0]
+
+    batch = ["ppo.per_device_generation_batch_size=16", "ppo.per_device_training_batch_size=16"]
+    ppo = per_iteration(*batch)
+    no_critic = per_iteration(*batch, "ppo.advantage_estimator=reinforce_pp")
+    assert no_critic < 0.8 * ppo
+    groups = ["ppo.advantage_estimator=rloo", "ppo.num_generations=4"]
+    assert per_iteration(*batch, *groups) > 3 * no_critic  # 64 answers to 16 prompts
+    # the same 16 answers as 4 prompts x 4: no critic, and each prompt forwarded once in training
+    same_rows = per_iteration("ppo.per_device_generation_batch_size=4", "ppo.per_device_training_batch_size=16",
+                              *groups)
+    assert same_rows < no_critic

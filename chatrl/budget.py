@@ -253,6 +253,12 @@ def _trunk_flops_per_token(trunk) -> float:
     return train_flops_per_token(trunk)
 
 
+def rollout_rows(cfg) -> int:
+    """The rows one rollout batch of step 3 decodes: its prompts times the answers to each (the
+    batch the probe times the rollout's decode step at)."""
+    return cfg.per_device_generation_batch_size * cfg.algorithm().num_generations
+
+
 def decode_time(rates: Rates, batch: int, rollout: bool = False) -> float:
     """One decode step at `batch`, from the nearest measured batch (linear in between);
     `rollout`: as step 3's rollouts decode (rollout_decode_s where measured)."""
@@ -418,8 +424,7 @@ class Planner:
         shared = gb * P + answers             # the actor's and reference's passes: prompts once
         t_gen = (rollouts * P * a_fwd / r.forward_flops_per_s
                  + cfg.generation_batches * (A * DECODE_FRACTION
-                                             * decode_time(r, cfg.per_device_generation_batch_size * G,
-                                                           rollout=True)
+                                             * decode_time(r, rollout_rows(cfg), rollout=True)
                                              + r.rollout_sync_s))
         t_score = (seq_tokens * c_score + shared * a_score) / r.forward_flops_per_s
         opt_steps = cfg.ppo_epochs * max(1, rollouts // cfg.per_device_training_batch_size) // cfg.gradient_accumulation_steps

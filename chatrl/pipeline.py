@@ -255,10 +255,10 @@ def _estimate(args, plans: dict, to_run: list[str], budget: float | None, prefix
     from .models import resolve_model_path
 
     ppo = plans.get("ppo")
-    batches = (ppo.per_device_generation_batch_size,) if ppo is not None else ()
     report = args.report_prompts if args.report and ppo is not None else 0
     try:
-        rollout = None if ppo is None else (ppo.rollout_weights, ppo.per_device_generation_batch_size,
+        batches = (B.rollout_rows(ppo),) if ppo is not None else ()
+        rollout = None if ppo is None else (ppo.rollout_weights, B.rollout_rows(ppo),
                                             ppo.actor_num_layers_unfrozen)
         rates = B.probe(resolve_model_path(plans["sft"].model_name_or_path),
                         ds.resolve_dtype(plans["sft"].dtype), batches or (1,), rollout_weights=rollout,

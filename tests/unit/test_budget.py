@@ -371,3 +371,24 @@ def test_the_ppo_iteration_estimate_follows_the_steps_algorithm(tmp_path):
     same_rows = per_iteration("ppo.per_device_generation_batch_size=4", "ppo.per_device_training_batch_size=16",
                               *groups)
     assert same_rows < no_critic
+
+
+def test_the_probe_times_the_rollouts_decode_at_every_answer_row(tmp_path, monkeypatch):
+    """G answers to each prompt decode prompts x G rows at once: the probe times that batch, not
+    the prompts alone (4 prompts x 4 answers were once timed at 4 rows and estimated at 4x the
+    time a 16-row decode step takes)."""
+    from chatrl import budget as B
+    from chatrl.pipeline import train_main
+
+    seen = {}
+
+    def probe(path, dtype, decode_batches, **kw):
+        seen.update(decode=decode_batches, rollout=kw["rollout_weights"][1])
+        raise RuntimeError("probe stopped by the test")
+
+    monkeypatch.setattr(B, "probe", probe)
+    assert train_main(["--actor-model", "tiny", "--output-dir", str(tmp_path), "--estimate-only",
+                       "ppo.advantage_estimator=rloo", "ppo.num_generations=4",
+                       "ppo.per_device_generation_batch_size=2",
+                       "ppo.per_device_training_batch_size=8"]) == 0
+    assert seen == {"decode": (8,), "rollout": 8}

@@ -265,11 +265,15 @@ def share_frozen_weights(trained, twin, cut: int) -> int:
     return freed
 
 
-def trunk_shares(models) -> dict[str, TrunkShare]:
+def trunk_shares(models, group_size: int = 1) -> dict[str, TrunkShare]:
     """The shares that apply to an RLHFModels bundle: "actor", recorded in the reference forward,
     and "critic", recorded in the reward model's forward where its frozen part is the critic's
     (the critic's scoring forward then replays it too), else in the critic's own scoring forward.
-    The log says which, or why not."""
+    The log says which, or why not.
+
+    group_size > 1 (G answers per prompt): none are recorded, since those passes forward each
+    distinct prompt once instead (stages.shared_prompt_logits); the frozen weights are still
+    kept once."""
     from ..logging import write_line
 
     shares = {}
@@ -288,6 +292,12 @@ def trunk_shares(models) -> dict[str, TrunkShare]:
                     if twin is not None else "its own scoring"
                 freed = share_frozen_weights(trained.module, twin, cut) if twin is not None else 0
                 kept = f"; one copy of their weights in memory ({freed / 1e6:.0f} MB freed)" if freed else ""
+                if group_size > 1:
+                    del shares[role]
+                    write_line(f"{role}: the {cut} frozen lower blocks are computed in every pass "
+                               f"({group_size} answers per prompt: each prompt goes forward once "
+                               f"instead){kept}")
+                    break
                 write_line(f"{role}: the {cut} frozen lower blocks run once per rollout (in "
                            f"{source} forward) and every later pass reuses their output{kept}")
                 break

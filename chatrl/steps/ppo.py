@@ -106,7 +106,8 @@ class PPOTrainer:
         # training forwards (chatrl.engine.trunk; only with --*-num-layers-unfrozen).
         from ..engine.trunk import rollout_records_trunk, trunk_shares
 
-        self.trunk = trunk_shares(models) if getattr(cfg, "share_frozen_trunk", True) else {}
+        self.trunk = (trunk_shares(models, self.algo.num_generations)
+                      if getattr(cfg, "share_frozen_trunk", True) else {})
         # Where the actor's rollout computes that output itself, for every position it forwards,
         # it is recorded there, and the reference forward starts at the first trained block too.
         share = self.trunk.get("actor")

@@ -198,3 +198,30 @@ def test_rollout_records_the_trunk_the_reference_forward_would(arch):
     torch.testing.assert_close(replayed_lp * act, ref_lp * act, atol=1e-5, rtol=0)
     # another shape records nothing usable: the caller then runs the full reference forward
     assert _rollout_states(recorded[:, :P], full_seq) is None
+
+
+def test_answer_groups_record_no_trunk_and_keep_one_copy_of_the_frozen_weights(tiny_model_path, capsys):
+    """With G answers per prompt the scoring and training passes forward each distinct prompt
+    once (stages.shared_prompt_logits) and replay no trunk: the log says so (it once claimed the
+    frozen blocks ran once per rollout), and the reference still borrows the actor's frozen
+    weights instead of holding a second copy."""
+    from types import SimpleNamespace
+
+    from chatrl.engine.trunk import trunk_shares
+
+    def bundle():
+        actor = load_causal_lm(tiny_model_path, dropout=0.0)
+        freeze_lower_layers(actor, 1)
+        ref = copy.deepcopy(actor).requires_grad_(False)
+        return SimpleNamespace(actor=SimpleNamespace(module=actor), ref=ref, critic=None, reward=None)
+
+    one = bundle()
+    assert set(trunk_shares(one)) == {"actor"}
+    assert "run once per rollout" in capsys.readouterr().err
+    groups = bundle()
+    assert trunk_shares(groups, group_size=4) == {}
+    log = capsys.readouterr().err
+    assert "computed in every pass (4 answers per prompt" in log and "run once per rollout" not in log, log
+    frozen = next(transformer_blocks(groups.actor.module)[0].parameters())
+    twin = next(transformer_blocks(groups.ref)[0].parameters())
+    assert frozen.data_ptr() == twin.data_ptr()

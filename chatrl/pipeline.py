@@ -240,9 +240,9 @@ def _run_launched(prefix: list[str], name: str, cfg) -> None:
                          f"fix the error above and re-run the same command to resume")
 
 
-def _estimate(args, plans: dict, to_run: list[str], budget: float | None, prefix):
-    """Measure this machine, print the estimate (and the PPO plan of a budget); None when
-    skipped (--no-estimate, nothing to run, or a launched multi-process run)."""
+def _estimate(args, plans: dict, to_run: list[str], budget: float | None, prefix, started: float):
+    """Measure this machine, print the estimate (and the PPO plan of a budget, which counts from
+    `started`); None when skipped (--no-estimate, nothing to run, or a launched multi-process run)."""
     from . import budget as B
     from .engine import ds
 
@@ -266,7 +266,7 @@ def _estimate(args, plans: dict, to_run: list[str], budget: float | None, prefix
                         report_batch=min(report, B.REPORT_DECODE_BATCH) if report else None)
         plan = B.plan_train(plans, rates, steps, report, budget,
                             planned_ppo=None if args.restart else _resumed_iters(ppo),
-                            report_base=args.report_base)
+                            report_base=args.report_base, elapsed=time.time() - started)
     except (ChatRLError, OSError, RuntimeError, ValueError) as e:  # the steps will say it better
         print(f"[chatrl train] no time estimate ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
               "running without one" + (" and without the time budget" if budget else ""),
@@ -403,7 +403,7 @@ def train_main(argv: list[str] | None = None, prog: str = "chatrl train",
     if args.estimate_only:
         args.estimate = True
         to_run = wanted if args.restart or not to_run else to_run
-    estimate = _estimate(args, plans, to_run, budget, prefix)
+    estimate = _estimate(args, plans, to_run, budget, prefix, t0)
     t_planned = time.time()
     if args.estimate_only:
         return 0

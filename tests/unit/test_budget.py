@@ -311,6 +311,34 @@ def test_the_estimate_plans_step_3_with_the_report_it_will_write(tmp_path):
     assert budget_for_all(short) == budget_for_all(kept)
 
 
+def test_a_budget_cut_step_3_is_estimated_at_the_time_limit_it_will_get(tmp_path, capsys):
+    """plan_train, through the real Planner: where the budget cuts step 3, its estimate is the
+    time limit _fit_ppo gives it when the start-up, probe and steps 1-2 take what the plan says
+    (the save and the reserve kept back), since step 3 stops there. The plan used to fill the
+    whole budget: on a 2-core AVX2-only EPYC it printed 14:28 where the steps took 11:40."""
+    from chatrl.budget import plan_train
+    from chatrl.pipeline import _fit_ppo, build_parser, plan_steps
+
+    plans = plan_steps(build_parser().parse_args(["--actor-model", "tiny", "--output-dir", str(tmp_path)]))
+    rates = Rates("fp32", 1e9, 1e9, 1e-9, decode_s={16: 0.01, 48: 0.5})
+    free = plan_train(plans, rates, ["sft", "rm", "ppo"], 96, None)
+    per, n = free["per_iteration"], free["configured"]
+    elapsed, steps12 = 30.0, sum(free["steps"][k] for k in ("sft", "rm"))
+    budget = elapsed + steps12 + free["report_all"] + n * per * 3 / 4
+    plan = plan_train(plans, rates, ["sft", "rm", "ppo"], 96, budget, report_base="on", elapsed=elapsed)
+    assert 1 < plan["ppo_shown"] <= plan["ppo_iters"] < n and "to its time limit" in plan["text"], plan["text"]
+    assert f"PPO planned at {plan['ppo_shown']} of its {n}" in plan["text"], plan["text"]
+    timings = {k: plan["steps"][k] for k in ("sft", "rm")}
+    cfg, _ = _fit_ppo(plans["ppo"], plan, timings, budget, elapsed + steps12, report_base="on")
+    assert plan["steps"]["ppo"] == pytest.approx(cfg.time_limit)
+    total = elapsed + sum(plan["steps"].values()) + plan["report"]
+    assert total < budget * 0.95  # the old plan's: the budget, less part of an iteration
+    # a budget that holds every iteration with the reserve to spare: estimated as it runs
+    roomy = plan_train(plans, rates, ["sft", "rm", "ppo"], 96, 3 * budget, report_base="on", elapsed=elapsed)
+    assert roomy["steps"]["ppo"] == pytest.approx(free["steps"]["ppo"]) and "time limit" not in roomy["text"]
+    capsys.readouterr()
+
+
 def test_the_time_budget_counts_from_the_process_start_not_from_the_first_step():
     """`chatrl train` run as a command: its budget clock starts when the process did, so
     start-up and imports count (66 s of them once, with a cold page cache)."""

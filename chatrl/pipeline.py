@@ -347,7 +347,7 @@ def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float,
     models (seed 1234) stopped after 9 iterations: judge gain +0.036 at the preset's 5e-5,
     +0.069 at 1e-4, +0.013 at 2e-4; run to all 26 (seed 4), 1e-4 gained less than 5e-5 (+0.057
     against +0.094). The schedule still spans the configured iterations."""
-    from .budget import PPO_SAVE_S, RESERVE, fit_iterations, fmt_duration, report_with_base
+    from .budget import fit_iterations, fmt_duration, ppo_time_limit, report_with_base
 
     scale = _estimate_scale(estimate, timings)
     per_iter, configured = estimate["per_iteration"] * scale, estimate["configured"]
@@ -379,11 +379,7 @@ def _fit_ppo(cfg, estimate: dict, timings: dict, budget: float, elapsed: float,
               "iterations fit than configured; --budget-lr-scale 1 keeps it)",
               file=sys.stderr, flush=True)
         cfg = dataclasses.replace(cfg, actor_learning_rate=lr)
-    # the limit leaves ~10 s for saving the models after the last iteration, and 7% of the budget
-    # for what the estimate of the report and the step start-ups misses (measured on 15-minute
-    # budgets: with no reserve a run ended 13 s past it; with 5%, one ended 1 s short of it by
-    # the wall clock, on a machine running slower than its probe)
-    return dataclasses.replace(cfg, max_steps=n, time_limit=max(room - PPO_SAVE_S - RESERVE * budget,
+    return dataclasses.replace(cfg, max_steps=n, time_limit=max(ppo_time_limit(room, budget),
                                                                 0.01)), with_base  # 0: no limit
 
 

@@ -311,7 +311,7 @@ def test_the_estimate_plans_step_3_with_the_report_it_will_write(tmp_path):
     assert budget_for_all(short) == budget_for_all(kept)
 
 
-def test_a_budget_cut_step_3_is_estimated_at_the_time_limit_it_will_get(tmp_path, capsys):
+def test_a_budget_cut_step_3_is_estimated_at_the_time_limit_it_will_get(tmp_path):
     """plan_train, through the real Planner: where the budget cuts step 3, its estimate is the
     time limit _fit_ppo gives it when the start-up, probe and steps 1-2 take what the plan says
     (the save and the reserve kept back), since step 3 stops there. The plan used to fill the
@@ -336,7 +336,6 @@ def test_a_budget_cut_step_3_is_estimated_at_the_time_limit_it_will_get(tmp_path
     # a budget that holds every iteration with the reserve to spare: estimated as it runs
     roomy = plan_train(plans, rates, ["sft", "rm", "ppo"], 96, 3 * budget, report_base="on", elapsed=elapsed)
     assert roomy["steps"]["ppo"] == pytest.approx(free["steps"]["ppo"]) and "time limit" not in roomy["text"]
-    capsys.readouterr()
 
 
 def test_the_time_budget_counts_from_the_process_start_not_from_the_first_step():

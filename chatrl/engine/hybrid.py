@@ -88,9 +88,11 @@ class GenerationBackend(Protocol):
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
+    # shared_prompts: rows may repeat a prompt (G answers each); a backend may then compute
+    # each distinct prompt once (a hint: the result is the same either way)
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  params: GenerationParams, return_logprobs: bool = False,
-                 synced_gpus: bool = False) -> Generation: ...
+                 synced_gpus: bool = False, shared_prompts: bool = False) -> Generation: ...
 
     def release(self) -> None: ...
 
@@ -189,18 +191,53 @@ def rollout_processors(params: GenerationParams, input_ids: torch.Tensor, return
     return recorder, processors
 
 
+def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict | None:
+    """For a batch whose rows repeat prompts (G answers to each): every distinct prompt's first
+    P - 1 tokens forwarded once, the KV cache indexed out to every row, as generate()'s keyword
+    ({name: cache}); generate() then forwards only the last prompt token of each row before
+    decoding. None where this does not apply (no prompt repeats, a model without position ids or a
+    plain DynamicCache).
+
+    The prompt's prefill is compute-bound (every prompt token through every weight): at 4 prompts
+    x 4 answers it is done for 4 rows instead of 16. The positions are generate()'s own (counted
+    from each row's first real token), so each row's cache holds what its own prefill would."""
+    from ..models.load import accepts_logits_to_keep, cache_argument, distinct_prompts, is_plain_cache, model_inputs
+
+    P = input_ids.shape[1]
+    arg = cache_argument(model)
+    if arg is None or P < 2 or (distinct := distinct_prompts(input_ids, attention_mask, P)) is None:
+        return None
+    prompts, prompt_mask, rows = distinct
+    kwargs = model_inputs(model, prompts[:, :P - 1], prompt_mask[:, :P - 1])
+    if "position_ids" not in kwargs:
+        return None
+    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    cache = getattr(model(**kwargs, use_cache=True, **keep), arg, None)
+    if not is_plain_cache(cache, P - 1):
+        return None  # sliding-window, quantized or legacy caches
+    cache.batch_select_indices(rows)
+    return {arg: cache}
+
+
 def hf_generate(model, input_ids, attention_mask, params: GenerationParams,
-                return_logprobs: bool = False, synced_gpus: bool = False) -> Generation:
+                return_logprobs: bool = False, synced_gpus: bool = False,
+                shared_prompts: bool = False) -> Generation:
     """Transformers generate under `params` alone; optionally the log-prob of each sampled token
     under the policy softmax(logits / temperature) (top-p/top-k truncation and min_new_tokens
-    ignored, as in the training forward), which saves PPO a full actor forward."""
+    ignored, as in the training forward), which saves PPO a full actor forward.
+
+    shared_prompts: rows may repeat a prompt (GRPO/RLOO's G answers); each distinct prompt is
+    prefilled once (shared_prompt_cache). Not with synced_gpus (ZeRO-3 gathering per forward: every
+    rank must run the same forwards)."""
     config = params.generation_config()
     recorder, processors = rollout_processors(params, input_ids, return_logprobs)
     fold_head_input(model)  # load_causal_lm did this already; models built elsewhere (API users)
     with _own_generation_config(model, config):
+        cache = shared_prompt_cache(model, input_ids, attention_mask) \
+            if shared_prompts and not synced_gpus else None
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                              generation_config=config, logits_processor=processors,
-                             synced_gpus=synced_gpus)
+                             synced_gpus=synced_gpus, **(cache or {}))
     seq = out.sequences
     if recorder is None:
         return Generation(seq, None)
@@ -254,10 +291,10 @@ class HFBackend:
                 raise ValueError(f"sync_weights got no tensor for {unset[:5]} ({len(unset)} parameters)")
 
     def generate(self, input_ids, attention_mask, params, return_logprobs=False,
-                 synced_gpus: bool = False) -> Generation:
+                 synced_gpus: bool = False, shared_prompts: bool = False) -> Generation:
         with self.weights.applied(self.model) if self.weights is not None else nullcontext():
             return hf_generate(self.model, input_ids, attention_mask, params, return_logprobs,
-                               synced_gpus)
+                               synced_gpus, shared_prompts)
 
     def release(self) -> None:
         self.model, self._shared = None, False
@@ -351,10 +388,12 @@ class HybridEngine:
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, params: GenerationParams,
-                 return_logprobs: bool = False) -> Generation:
+                 return_logprobs: bool = False, shared_prompts: bool = False) -> Generation:
+        """shared_prompts: rows repeat prompts (G answers each), which a backend may prefill once."""
         # ZeRO-3 without gather-once: every rank must run the same number of forward steps
         # (synced_gpus) because each layer's weights are gathered collectively per token.
         synced = (self._zero3() and not self.gather_once and torch.distributed.is_initialized()
                   and torch.distributed.get_world_size() > 1)
         with self.generation_mode() as backend:
-            return backend.generate(input_ids, attention_mask, params, return_logprobs, synced)
+            return backend.generate(input_ids, attention_mask, params, return_logprobs, synced,
+                                    shared_prompts=shared_prompts)

@@ -348,7 +348,8 @@ class LlamaCppBackend:
     # -- generation
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, params, return_logprobs=False,
-                 synced_gpus: bool = False):
+                 synced_gpus: bool = False, shared_prompts: bool = False):
+        """shared_prompts is a hint this backend does not use: each row is prefilled."""
         from .hybrid import Generation, rollout_processors
 
         if self.model is None:

@@ -403,6 +403,27 @@ def cache_argument(model) -> str | None:
     return _CACHE_ARG[cls]
 
 
+def distinct_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int):
+    """(ids [U, width], mask [U, width], rows [N]) for a batch whose rows may repeat a prompt (G
+    answers to each): the distinct left-padded prompts (tokens and padding, the first `width`
+    columns) and, for each row, the index of its own; rows[i] indexes a KV cache of the distinct
+    prompts out to row i. None where no prompt repeats."""
+    prompts, rows = torch.unique(torch.cat([input_ids[:, :width], attention_mask[:, :width].to(input_ids.dtype)], 1),
+                                 dim=0, return_inverse=True)
+    if len(prompts) == input_ids.shape[0]:
+        return None
+    return prompts[:, :width], prompts[:, width:].to(attention_mask.dtype), rows
+
+
+def is_plain_cache(cache, length: int) -> bool:
+    """Whether `cache` is a plain DynamicCache holding `length` positions in every layer, which
+    batch_select_indices can index out to rows (not a sliding-window, quantized or legacy one)."""
+    from transformers import DynamicCache
+
+    return type(cache) is DynamicCache and cache.get_seq_length() == length and \
+        all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", ()))
+
+
 def unwrap(model):
     """The plain Transformers module inside a DeepSpeed engine and/or a PEFT wrapper."""
     while True:

@@ -58,6 +58,9 @@ class ScoringBatch:
     completion_ids: list[list[int]] = field(default_factory=list)
     sequences: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
+    # the prompt's width in `sequences` where rows repeat prompts (G answers each; None where
+    # they do not): a reward model then forwards each distinct prompt once
+    shared_prompt_len: int | None = None
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -19,6 +19,15 @@ class RewardModelSource:
 
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
+        from ..engine.ds import is_zero3
+        from ..models.load import unwrap
+
         target = next(self.model.parameters()).device
         seq, mask = batch.sequences.to(target), batch.attention_mask.to(target)
+        model = unwrap(self.model)
+        if batch.shared_prompt_len and hasattr(model, "shared_prompt_scores") and not is_zero3(self.model):
+            # rows repeat prompts (G answers each): each distinct prompt goes forward once
+            scores = model.shared_prompt_scores(seq, mask, batch.shared_prompt_len)
+            if scores is not None:
+                return scores.float().cpu()
         return gather_last(self.model(seq, mask), mask).float().cpu()

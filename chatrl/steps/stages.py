@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..engine.hybrid import GenerationParams
-from ..models.load import accepts_logit_positions, accepts_logits_to_keep, cache_argument, model_inputs, unwrap
+from ..models.load import (accepts_logit_positions, accepts_logits_to_keep, cache_argument, distinct_prompts,
+                           is_plain_cache, model_inputs, unwrap)
 from ..rewards import Scores, ScoringBatch, score_batch
 from ..rl import (AlgoSettings, clipped_policy_loss, discounted_returns, entropy_from_logits,
                   gae_advantages, gather_logprobs, group_advantages, kl_shaped_rewards, masked_mean,
@@ -78,23 +79,20 @@ def shared_prompt_logits(model, seq: torch.Tensor, mask: torch.Tensor,
     position ids (ALiBi), a cache argument or a plain DynamicCache, nor under gradient
     checkpointing in training (Transformers drops the cache). With dropout, the answers to one
     prompt share one draw of its dropout."""
-    from transformers import DynamicCache
-
-    P, N, R = prompt_len, seq.shape[0], seq.shape[1] - prompt_len
+    P, R = prompt_len, seq.shape[1] - prompt_len
     hf, arg = unwrap(model), cache_argument(model)
     checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in hf.modules())
-    if arg is None or R < 1 or (hf.training and checkpointing):
+    if arg is None or R < 1 or (hf.training and checkpointing) or \
+            (distinct := distinct_prompts(seq, mask, P)) is None:
         return None
-    prompts, rows = torch.unique(torch.cat([seq[:, :P], mask[:, :P].to(seq.dtype)], 1), dim=0,
-                                 return_inverse=True)
-    kwargs = model_inputs(model, prompts[:, :P], prompts[:, P:].to(mask.dtype))
-    if len(prompts) == N or "position_ids" not in kwargs:
+    prompts, prompt_mask, rows = distinct
+    kwargs = model_inputs(model, prompts, prompt_mask)
+    if "position_ids" not in kwargs:
         return None
     keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     out = model(**kwargs, use_cache=True, **keep)
     cache = getattr(out, arg, None)
-    if type(cache) is not DynamicCache or cache.get_seq_length() != P or \
-            any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", ())):
+    if not is_plain_cache(cache, P):
         return None  # sliding-window, quantized or legacy caches
     first = out.logits[:, -1:][rows]   # [B, 1, V]: answer token 0
     if R == 1:
@@ -187,7 +185,7 @@ def rollout(hybrid, input_ids: torch.Tensor, attention_mask: torch.Tensor, param
         rows = [r for r in rows for _ in range(n_samples)] if rows is not None else None
     P = input_ids.shape[1]
     t0 = time.time()
-    gen = hybrid.generate(input_ids, attention_mask, params, return_logprobs=True)
+    gen = hybrid.generate(input_ids, attention_mask, params, return_logprobs=True, shared_prompts=n_samples > 1)
     t_gen = time.time() - t0
     answer = gen.sequences[:, P:]
     action_mask = response_mask(answer, params.eos_token_id)
@@ -363,7 +361,8 @@ def scoring_batch(ro: Rollout, tokenizer) -> ScoringBatch:
     names = sorted({k for r in rows for k in (r.get("columns") or {})})
     columns = {k: [(r.get("columns") or {}).get(k) for r in rows] for k in names}
     return ScoringBatch(prompts=prompts, completions=completions, texts=texts, columns=columns,
-                        completion_ids=ids, sequences=ro.sequences, attention_mask=ro.attention_mask)
+                        completion_ids=ids, sequences=ro.sequences, attention_mask=ro.attention_mask,
+                        shared_prompt_len=P if ro.group_size > 1 else None)
 
 
 def score(ro: Rollout, tokenizer, sources, weights, *, skip_bad: bool = False) -> Scores:

@@ -175,3 +175,107 @@ def test_answer_logits_equal_the_full_forward_and_are_contiguous(arch):
     assert grads.keys() == grads_full.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], grads_full[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def prefill_rows(model):
+    """A forward pre-hook that records [rows, tokens] of each forward's input_ids."""
+    seen = []
+    handle = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(tuple((kwargs.get("input_ids") if kwargs.get("input_ids") is not None
+                                                    else args[0]).shape)), with_kwargs=True)
+    return seen, handle
+
+
+@pytest.mark.parametrize("arch", SHARING)
+def test_a_rollout_prefills_each_distinct_prompt_once(arch):
+    """GRPO/RLOO rollouts repeat each prompt G times: hf_generate(shared_prompts=True) forwards the
+    first P - 1 tokens of each distinct prompt once and generate() continues every row from that
+    cache. The tokens (greedy) and recorded log-probs equal the unshared rollout's."""
+    from chatrl.engine.hybrid import GenerationParams, hf_generate
+
+    model = tiny(arch).eval()
+    seq, mask, _, P = grouped_batch(G=3)
+    ids, am = seq[:, :P], mask[:, :P]
+    params = GenerationParams(max_new_tokens=6, temperature=0.0, eos_token_id=None, pad_token_id=0)
+    runs = {}
+    for shared in (False, True):
+        seen, handle = prefill_rows(model)
+        try:
+            runs[shared] = hf_generate(model, ids, am, params, return_logprobs=True, shared_prompts=shared)
+        finally:
+            handle.remove()
+        runs[shared, "rows"] = seen
+    N = ids.shape[0]
+    assert runs[False, "rows"][0] == (N, P)                      # every row prefilled
+    assert runs[True, "rows"][:2] == [(3, P - 1), (N, 1)]        # 3 prompts once, then each row's last token
+    assert all(r == (N, 1) for r in runs[True, "rows"][1:])
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    torch.testing.assert_close(runs[True].logprobs, runs[False].logprobs, rtol=0, atol=1e-5)
+
+
+def test_rollout_shares_the_prefill_only_with_several_answers_per_prompt(monkeypatch):
+    """stages.rollout asks the backend to share the prompt's prefill when it repeats each prompt
+    (n_samples > 1), never for one answer per prompt (the trunk recorder then needs every row)."""
+    import chatrl.engine.hybrid as hybrid
+    from chatrl.engine.hybrid import GenerationParams
+
+    asked = []
+
+    class Backend:
+        def generate(self, ids, mask, params, return_logprobs=False, synced_gpus=False, shared_prompts=False):
+            asked.append(shared_prompts)
+            return hybrid.hf_generate(model, ids, mask, params, return_logprobs, synced_gpus, shared_prompts)
+
+    class Hybrid:
+        def generate(self, ids, mask, params, return_logprobs=False, shared_prompts=False):
+            return Backend().generate(ids, mask, params, return_logprobs, shared_prompts=shared_prompts)
+
+    model = tiny("llama").eval()
+    seq, mask, _, P = grouped_batch(G=1)
+    params = GenerationParams(max_new_tokens=4, temperature=0.7, eos_token_id=1, pad_token_id=0)
+    for n in (1, 4):
+        ro = stages.rollout(Hybrid(), seq[:, :P], mask[:, :P], params, n_samples=n)
+        assert ro.sequences.shape[0] == seq.shape[0] * n
+    assert asked == [False, True]
+
+
+@pytest.mark.parametrize("arch", SHARING)
+def test_a_reward_model_scores_each_distinct_prompt_once(arch):
+    """The reward source of a GRPO/RLOO rollout (rows repeat prompts): RewardModel.
+    shared_prompt_scores forwards each distinct prompt once and gives score()'s scores, also
+    for answers of one token and with DeepSpeed-Chat's score-before-EOS convention."""
+    from chatrl.models.reward import RewardModel
+    from chatrl.rewards import ScoringBatch
+    from chatrl.rewards.model import RewardModelSource
+
+    rm = RewardModel.from_pretrained(resolve_model_path(f"tiny-{arch}"), dtype="fp32", dropout=0.0)
+    randomize(rm.backbone)
+    torch.nn.init.normal_(rm.v_head.weight, std=1.0)
+    rm.eval()
+    seq, mask, _, P = grouped_batch(G=3, answer_lens=[6, 1, 4, 5, 6, 2, 1, 3, 6])
+    with torch.no_grad():
+        full = rm.score(seq, mask)
+        seen, handle = prefill_rows(rm.backbone)
+        try:
+            shared = rm.shared_prompt_scores(seq, mask, P)
+        finally:
+            handle.remove()
+    assert seen == [(3, P), (9, seq.shape[1] - P)]
+    torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)
+    rm.score_before_token = int(seq[0, P + 2])   # an answer token read one position back
+    with torch.no_grad():
+        torch.testing.assert_close(rm.shared_prompt_scores(seq, mask, P), rm.score(seq, mask), rtol=0, atol=1e-5)
+    rm.score_before_token = None
+    # the reward source takes the shared path only when the batch says rows repeat prompts
+    source = RewardModelSource(rm)
+    batch = ScoringBatch(prompts=[""] * 9, completions=[""] * 9, texts=[""] * 9, sequences=seq, attention_mask=mask)
+    for shared_len, rows in ((None, (9, seq.shape[1])), (P, (3, P))):
+        batch.shared_prompt_len = shared_len
+        seen, handle = prefill_rows(rm.backbone)
+        try:
+            torch.testing.assert_close(source(batch), full, rtol=0, atol=1e-5)
+        finally:
+            handle.remove()
+        assert seen[0] == rows
+    # nothing to share: no prompt repeats
+    assert rm.shared_prompt_scores(seq[::3], mask[::3], P) is None

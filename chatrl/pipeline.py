@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from . import config as C
+from .engine.memory import release_freed_memory
 from .errors import ChatRLError, ConfigError
 
 STEP_NAMES = {1: "sft", 2: "rm", 3: "ppo"}
@@ -226,6 +227,7 @@ def _run_in_process(name: str, cfg) -> None:
 
     {"sft": run_sft, "rm": run_rm, "ppo": run_ppo, "grpo": run_ppo}[name](cfg)
     gc.collect()
+    release_freed_memory()  # what the step freed, back to the system before the next step
 
 
 def _run_launched(prefix: list[str], name: str, cfg) -> None:

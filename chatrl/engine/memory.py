@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-__all__ = ["peak_rss_gb", "reset_peak_rss", "rss_gb"]
+__all__ = ["peak_rss_gb", "release_freed_memory", "reset_peak_rss", "rss_gb"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _INTERVAL_S = 0.02
@@ -80,3 +80,25 @@ def reset_peak_rss() -> None:
     s = _sampler()
     if s is not None:
         s.take(reset=True)
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory the process has freed but the C allocator still holds back to the
+    system (glibc's malloc_trim); True where that was done.
+
+    glibc keeps freed blocks of its heaps for reuse, and only returns the free space at a heap's
+    top. `chatrl train` runs its steps in one process, so what step 2 freed (its peak is the whole
+    run's, ~5 GB for the default run) stayed resident through step 3: the default run's step 3
+    logged 4.75-4.80 GB per iteration in one run where it logs 2.7-3.3 GB when run alone. Called
+    between steps. A no-op where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

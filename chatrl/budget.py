@@ -422,7 +422,7 @@ class Planner:
         rollouts, answers = gb * G, gb * G * A * DECODE_FRACTION
         seq_tokens = rollouts * P + answers   # every row forwarded whole (reward model, critic)
         shared = gb * P + answers             # the actor's and reference's passes: prompts once
-        # Transformers rollouts prefill each distinct prompt once (hybrid.shared_prompt_cache)
+        # Transformers rollouts prefill each distinct prompt once (models.load.shared_prefix)
         prefill_rows = gb if G > 1 and r.rollout_backend == "hf" else rollouts
         t_gen = (prefill_rows * P * a_fwd / r.forward_flops_per_s
                  + cfg.generation_batches * (A * DECODE_FRACTION

@@ -25,7 +25,7 @@ from typing import Iterable, Protocol
 
 import torch
 
-from ..models.load import fold_head_input, unwrap
+from ..models.load import accepts_logits_to_keep, fold_head_input, shared_prefix, unwrap
 from ..models.lora import has_lora, lora_merged, merged_state_dict
 
 
@@ -191,34 +191,6 @@ def rollout_processors(params: GenerationParams, input_ids: torch.Tensor, return
     return recorder, processors
 
 
-def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict | None:
-    """For a batch whose rows repeat prompts (G answers to each): every distinct prompt's first
-    P - 1 tokens forwarded once, the KV cache indexed out to every row, as generate()'s keyword
-    ({name: cache}); generate() then forwards only the last prompt token of each row before
-    decoding. None where this does not apply (no prompt repeats, a model without position ids or a
-    plain DynamicCache).
-
-    The prompt's prefill is compute-bound (every prompt token through every weight): at 4 prompts
-    x 4 answers it is done for 4 rows instead of 16. The positions are generate()'s own (counted
-    from each row's first real token), so each row's cache holds what its own prefill would."""
-    from ..models.load import accepts_logits_to_keep, cache_argument, distinct_prompts, is_plain_cache, model_inputs
-
-    P = input_ids.shape[1]
-    arg = cache_argument(model)
-    if arg is None or P < 2 or (distinct := distinct_prompts(input_ids, attention_mask, P)) is None:
-        return None
-    prompts, prompt_mask, rows = distinct
-    kwargs = model_inputs(model, prompts[:, :P - 1], prompt_mask[:, :P - 1])
-    if "position_ids" not in kwargs:
-        return None
-    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    cache = getattr(model(**kwargs, use_cache=True, **keep), arg, None)
-    if not is_plain_cache(cache, P - 1):
-        return None  # sliding-window, quantized or legacy caches
-    cache.batch_select_indices(rows)
-    return {arg: cache}
-
-
 def hf_generate(model, input_ids, attention_mask, params: GenerationParams,
                 return_logprobs: bool = False, synced_gpus: bool = False,
                 shared_prompts: bool = False) -> Generation:
@@ -227,17 +199,21 @@ def hf_generate(model, input_ids, attention_mask, params: GenerationParams,
     ignored, as in the training forward), which saves PPO a full actor forward.
 
     shared_prompts: rows may repeat a prompt (GRPO/RLOO's G answers); each distinct prompt is
-    prefilled once (shared_prompt_cache). Not with synced_gpus (ZeRO-3 gathering per forward: every
+    prefilled once (models.load.shared_prefix): a prefill is compute-bound, so at 4 prompts x 4
+    answers it costs a quarter. Not with synced_gpus (ZeRO-3 gathering per forward: every
     rank must run the same forwards)."""
     config = params.generation_config()
     recorder, processors = rollout_processors(params, input_ids, return_logprobs)
     fold_head_input(model)  # load_causal_lm did this already; models built elsewhere (API users)
     with _own_generation_config(model, config):
-        cache = shared_prompt_cache(model, input_ids, attention_mask) \
+        # the first P - 1 prompt tokens of each distinct prompt once; generate() forwards each
+        # row's last prompt token from that cache, then decodes
+        shared = shared_prefix(model, input_ids, attention_mask, input_ids.shape[1] - 1,
+                               **({"logits_to_keep": 1} if accepts_logits_to_keep(model) else {})) \
             if shared_prompts and not synced_gpus else None
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                              generation_config=config, logits_processor=processors,
-                             synced_gpus=synced_gpus, **(cache or {}))
+                             synced_gpus=synced_gpus, **(shared[1] if shared else {}))
     seq = out.sequences
     if recorder is None:
         return Generation(seq, None)

@@ -403,11 +403,10 @@ def cache_argument(model) -> str | None:
     return _CACHE_ARG[cls]
 
 
-def distinct_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int):
-    """(ids [U, width], mask [U, width], rows [N]) for a batch whose rows may repeat a prompt (G
-    answers to each): the distinct left-padded prompts (tokens and padding, the first `width`
-    columns) and, for each row, the index of its own; rows[i] indexes a KV cache of the distinct
-    prompts out to row i. None where no prompt repeats."""
+def _distinct_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int):
+    """(ids [U, width], mask [U, width], rows [N]): the distinct left-padded prompts of a batch
+    (tokens and padding, the first `width` columns) and, for each row, the index of its own.
+    None where no prompt repeats."""
     prompts, rows = torch.unique(torch.cat([input_ids[:, :width], attention_mask[:, :width].to(input_ids.dtype)], 1),
                                  dim=0, return_inverse=True)
     if len(prompts) == input_ids.shape[0]:
@@ -415,13 +414,32 @@ def distinct_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, widt
     return prompts[:, :width], prompts[:, width:].to(attention_mask.dtype), rows
 
 
-def is_plain_cache(cache, length: int) -> bool:
-    """Whether `cache` is a plain DynamicCache holding `length` positions in every layer, which
-    batch_select_indices can index out to rows (not a sliding-window, quantized or legacy one)."""
+def shared_prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int, **forward_kwargs):
+    """For a batch whose rows repeat prompts (G answers to each): the first `width` columns of
+    each distinct prompt forwarded once with a KV cache, and the cache indexed out to every row.
+    Returns (the forward's output over the distinct prompts, {cache keyword: the cache} for the
+    rows' continuing forward or generate(), rows: each row's index into that output), or None
+    where this does not apply: no prompt repeats, or a model without a cache argument, position
+    ids (ALiBi) or a plain DynamicCache (sliding-window, quantized or legacy caches). The
+    positions are counted from each row's first real token, as model_inputs and generate() count
+    them, so each row's cache holds what its own forward would. `forward_kwargs` go to the
+    forward (e.g. logits_to_keep)."""
     from transformers import DynamicCache
 
-    return type(cache) is DynamicCache and cache.get_seq_length() == length and \
-        all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", ()))
+    arg = cache_argument(model)
+    if arg is None or width < 1 or (distinct := _distinct_prompts(input_ids, attention_mask, width)) is None:
+        return None
+    prompts, prompt_mask, rows = distinct
+    inputs = model_inputs(model, prompts, prompt_mask)
+    if "position_ids" not in inputs:
+        return None
+    out = model(**inputs, use_cache=True, **forward_kwargs)
+    cache = getattr(out, arg, None)
+    if type(cache) is not DynamicCache or cache.get_seq_length() != width or \
+            any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", ())):
+        return None
+    cache.batch_select_indices(rows)
+    return out, {arg: cache}, rows
 
 
 def unwrap(model):

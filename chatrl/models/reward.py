@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .load import (cache_argument, distinct_prompts, is_plain_cache, load_pretrained, model_inputs, read_meta,
-                   torch_dtype, write_meta)
+from .load import load_pretrained, model_inputs, read_meta, shared_prefix, torch_dtype, write_meta
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -84,25 +83,16 @@ class RewardModel(nn.Module):
         backbone without position ids or a plain DynamicCache, or a prompt ending in the token
         read one position back): the caller then runs score()."""
         P = prompt_len
-        arg = cache_argument(self.backbone)
-        if arg is None or not 0 < P < input_ids.shape[1] or self.training or \
-                (distinct := distinct_prompts(input_ids, attention_mask, P)) is None:
+        if not P < input_ids.shape[1] or self.training or (self.score_before_token is not None and bool(
+                (input_ids[:, P - 1] == self.score_before_token).any())):
             return None
-        if self.score_before_token is not None and bool((input_ids[:, P - 1] == self.score_before_token).any()):
+        if (shared := shared_prefix(self.backbone, input_ids, attention_mask, P)) is None:
             return None
-        prompts, prompt_mask, rows = distinct
-        kwargs = model_inputs(self.backbone, prompts, prompt_mask)
-        if "position_ids" not in kwargs:
-            return None
-        out = self.backbone(**kwargs, use_cache=True)
-        cache = getattr(out, arg, None)
-        if not is_plain_cache(cache, P):
-            return None  # sliding-window, quantized or legacy caches
+        out, cache, rows = shared
         last_prompt = out.last_hidden_state[:, -1:][rows]  # position P - 1, each row's prompt
-        cache.batch_select_indices(rows)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
         out = self.backbone(**model_inputs(self.backbone, input_ids[:, P:], attention_mask, positions),
-                            use_cache=True, **{arg: cache})
+                            use_cache=True, **cache)
         hidden = torch.cat([last_prompt, out.last_hidden_state], dim=1)  # positions P - 1 .. T - 1
         values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
         if self.score_before_token is not None:

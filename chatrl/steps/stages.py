@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..engine.hybrid import GenerationParams
-from ..models.load import (accepts_logit_positions, accepts_logits_to_keep, cache_argument, distinct_prompts,
-                           is_plain_cache, model_inputs, unwrap)
+from ..models.load import (accepts_logit_positions, accepts_logits_to_keep, model_inputs, shared_prefix,
+                           unwrap)
 from ..rewards import Scores, ScoringBatch, score_batch
 from ..rl import (AlgoSettings, clipped_policy_loss, discounted_returns, entropy_from_logits,
                   gae_advantages, gather_logprobs, group_advantages, kl_shaped_rewards, masked_mean,
@@ -80,27 +80,19 @@ def shared_prompt_logits(model, seq: torch.Tensor, mask: torch.Tensor,
     checkpointing in training (Transformers drops the cache). With dropout, the answers to one
     prompt share one draw of its dropout."""
     P, R = prompt_len, seq.shape[1] - prompt_len
-    hf, arg = unwrap(model), cache_argument(model)
+    hf = unwrap(model)
     checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in hf.modules())
-    if arg is None or R < 1 or (hf.training and checkpointing) or \
-            (distinct := distinct_prompts(seq, mask, P)) is None:
-        return None
-    prompts, prompt_mask, rows = distinct
-    kwargs = model_inputs(model, prompts, prompt_mask)
-    if "position_ids" not in kwargs:
+    if R < 1 or (hf.training and checkpointing):
         return None
     keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    out = model(**kwargs, use_cache=True, **keep)
-    cache = getattr(out, arg, None)
-    if not is_plain_cache(cache, P):
-        return None  # sliding-window, quantized or legacy caches
+    if (shared := shared_prefix(model, seq, mask, P, **keep)) is None:
+        return None
+    out, cache, rows = shared
     first = out.logits[:, -1:][rows]   # [B, 1, V]: answer token 0
     if R == 1:
         return first
-    cache.batch_select_indices(rows)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:-1]
-    out = model(**model_inputs(model, seq[:, P:-1], mask[:, :-1], positions), use_cache=True,
-                **{arg: cache})
+    out = model(**model_inputs(model, seq[:, P:-1], mask[:, :-1], positions), use_cache=True, **cache)
     return torch.cat([first, out.logits], dim=1)
 
 
